@@ -1,0 +1,23 @@
+//! mlx5-driver: a userspace driver core for ConnectX (mlx5) HCAs.
+//!
+//! The driver owns a PCI function through a [`transport::Transport`] (VFIO
+//! on real hardware, the software HCA of `ipoib-sim` elsewhere) and speaks
+//! the mlx5 programming interface itself: the initialization segment, the
+//! command queue with its mailboxes, firmware page management, event queues
+//! and, on top, HCA bring-up and teardown ([`hca::Hca`]).
+//!
+//! It knows nothing of virtio or IP; the IPoIB device model sits above it.
+
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod cmd;
+pub mod hca;
+pub mod health;
+pub mod layout;
+pub mod pages;
+pub mod queues;
+pub mod regs;
+pub mod transport;
+
+pub use hca::{Completion, Hca, HcaConfig, HcaInfo};

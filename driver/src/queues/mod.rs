@@ -1,0 +1,3 @@
+//! Ring state of the device queues: indexes and ownership, no I/O.
+
+pub mod eq;
