@@ -757,8 +757,11 @@ impl<T: Transport> Hca<T> {
     }
 
     fn exec_on<C: Command>(&mut self, slot: usize, cmd: &C) -> Result<C::Reply, CmdError> {
-        if self.fatal.is_some() {
-            return Err(CmdError::DeviceFatal { opcode: C::OPCODE });
+        if let Some(cause) = &self.fatal {
+            return Err(CmdError::DeviceFatal {
+                opcode: C::OPCODE,
+                cause: cause.clone(),
+            });
         }
         let input = encode_input(cmd);
         let q = self.cmdq.as_mut().ok_or(CmdError::NoSlot(C::OPCODE))?;
@@ -788,11 +791,11 @@ impl<T: Transport> Hca<T> {
             let now = Instant::now();
             if let Err(f) = self.health.poll(&self.t, now) {
                 tracing::error!(device = self.info.device, "{f}");
-                self.fatal = Some(f);
+                self.fatal = Some(f.clone());
                 if let Some(q) = self.cmdq.as_mut() {
                     q.abandon(slot);
                 }
-                return Err(CmdError::DeviceFatal { opcode });
+                return Err(CmdError::DeviceFatal { opcode, cause: f });
             }
             let waited = now.duration_since(start);
             if waited >= self.cfg.cmd_timeout {
@@ -847,8 +850,7 @@ impl<T: Transport> Hca<T> {
     /// Consumes every valid EQE; returns how many.
     fn drain_eq(&mut self, arm: bool) -> usize {
         let mut n = 0u32;
-        loop {
-            let Some(eq) = self.eq.as_mut() else { break };
+        while let Some(eq) = self.eq.as_mut() {
             let idx = eq.ring.index();
             if !eq.ring.is_valid(eq.buf.read_u8(idx * EQE_LEN + OWNER)) {
                 break;
@@ -860,7 +862,7 @@ impl<T: Transport> Hca<T> {
             n += 1;
             self.stats.eqes += 1;
             self.dispatch(Eqe::parse(&raw));
-            if n % SPARE_EQES == 0 {
+            if n.is_multiple_of(SPARE_EQES) {
                 self.eq_doorbell(false);
             }
         }

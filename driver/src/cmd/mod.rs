@@ -322,6 +322,9 @@ pub enum CmdError {
     DeviceFatal {
         /// Opcode.
         opcode: Opcode,
+        /// What the health sensors found.
+        #[source]
+        cause: crate::health::Fatal,
     },
     /// No command slot is free (all stuck after timeouts).
     #[error("no free command slot for {0}")]

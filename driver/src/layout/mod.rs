@@ -25,7 +25,7 @@ pub struct BitField {
 impl BitField {
     /// The field at dword `off`, bits `hi:lo` (31 is the MSB of byte `off`).
     pub const fn dw(off: usize, hi: u8, lo: u8) -> BitField {
-        assert!(off % 4 == 0 && hi < 32 && lo <= hi);
+        assert!(off.is_multiple_of(4) && hi < 32 && lo <= hi);
         BitField { off, hi, lo }
     }
 

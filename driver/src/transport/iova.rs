@@ -69,11 +69,11 @@ impl IovaSpace {
         let len = len.max(1).next_multiple_of(PAGE);
         let mut start = iova.0;
         let mut end = iova.0 + len;
-        if let Some((&ps, &pe)) = self.free.range(..start).next_back() {
-            if pe == start {
-                self.free.remove(&ps);
-                start = ps;
-            }
+        if let Some((&ps, &pe)) = self.free.range(..start).next_back()
+            && pe == start
+        {
+            self.free.remove(&ps);
+            start = ps;
         }
         if let Some(ne) = self.free.remove(&end) {
             end = ne;
