@@ -1,1 +1,11 @@
+//! ipoib-device: the IPoIB device model and the `ipoib-vfio` program.
+//!
+//! At this stage the program brings an HCA up and reports on it
+//! ([`probe`]); the IPoIB interfaces, the vhost-user backend and the host
+//! interfaces build on the same bring-up.
 
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod probe;

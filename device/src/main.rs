@@ -1,1 +1,5 @@
-fn main(){}
+//! `ipoib-vfio`: the device-model daemon, one per HCA.
+
+fn main() -> std::process::ExitCode {
+    ipoib_device::cli::main()
+}

@@ -1,0 +1,119 @@
+//! Command line of `ipoib-vfio`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::probe::{self, DeviceSpec, ProbeOptions};
+
+/// IP over InfiniBand for virtual machines and hosts, on ConnectX HCAs owned through VFIO.
+#[derive(Debug, Parser)]
+#[command(name = "ipoib-vfio", version, about)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `mlx5_driver=debug`);
+    /// also read from IPOIB_LOG. Quiet by default.
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Completion mode on the command interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompletionArg {
+    /// Sleep on the MSI-X interrupt of the command-completion EQE.
+    Events,
+    /// Spin on the ownership bit.
+    Polled,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Bring the HCA up, print what it reports, tear it down.
+    #[command(after_long_help = SIM_FAULT_HELP)]
+    Probe {
+        /// PCI address of a card bound to vfio-pci (e.g. 0000:81:00.0), or `sim`
+        /// for the software HCA.
+        #[arg(long)]
+        device: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Inject a fault into the software HCA (repeatable; `--device sim` only).
+        #[arg(long = "sim-fault", value_name = "FAULT")]
+        sim_faults: Vec<String>,
+        /// Per-command timeout in milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        cmd_timeout_ms: u64,
+        /// How long firmware may stay initializing, in milliseconds.
+        #[arg(long, default_value_t = 120_000)]
+        fw_ready_timeout_ms: u64,
+        /// Command completion mode once the EQ exists.
+        #[arg(long, value_enum, default_value_t = CompletionArg::Events)]
+        completion: CompletionArg,
+    },
+}
+
+const SIM_FAULT_HELP: &str = "\
+Faults for --device sim (--sim-fault FAULT, repeatable; numbers decimal or 0x-hex):
+  cmd-timeout=OPCODE                 firmware never completes OPCODE (e.g. 0x100 QUERY_HCA_CAP)
+  cmd-error=OPCODE:STATUS[:SYNDROME] OPCODE fails with STATUS (e.g. cmd-error=0x301:0x3)
+  health=SYND[:after=OPCODE]         health syndrome SYND with recovery required once OPCODE
+                                     completed (default INIT_HCA 0x102); firmware stops
+  slow-start=MS                      `initializing` stays set for MS ms after power-up
+  page-storm=ROUNDS[:PAGES]          ROUNDS page requests of PAGES pages (default 64), each
+                                     later taken back
+
+Exit status: 0 when bring-up and teardown succeeded, 1 when bring-up failed (one line
+on stderr names the step, the command and the device's status and syndrome), 2 on
+usage errors.";
+
+fn init_logging(filter: Option<&str>) {
+    let spec = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("IPOIB_LOG").ok())
+        .unwrap_or_else(|| "off".to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    match cli.command {
+        Command::Probe {
+            device,
+            json,
+            sim_faults,
+            cmd_timeout_ms,
+            fw_ready_timeout_ms,
+            completion,
+        } => {
+            let spec = match DeviceSpec::parse(&device, &sim_faults) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("ipoib-vfio: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = ProbeOptions {
+                json,
+                cmd_timeout: Duration::from_millis(cmd_timeout_ms),
+                fw_ready_timeout: Duration::from_millis(fw_ready_timeout_ms),
+                completion: match completion {
+                    CompletionArg::Events => mlx5_driver::Completion::Events,
+                    CompletionArg::Polled => mlx5_driver::Completion::Polled,
+                },
+            };
+            probe::run(&spec, &opts)
+        }
+    }
+}
