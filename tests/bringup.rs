@@ -45,7 +45,10 @@ fn bring_up_and_teardown_return_everything() {
     assert_eq!(after.mappings, 0, "every DMA mapping came back: {after:?}");
     assert_eq!(after.pages_held, 0);
     assert_eq!(after.objects_alive, 0);
-    assert_eq!(after.fw.objects_at_teardown, 0, "objects destroyed before TEARDOWN_HCA");
+    assert_eq!(
+        after.fw.objects_at_teardown, 0,
+        "objects destroyed before TEARDOWN_HCA"
+    );
     assert_eq!(after.fw.pages_leaked_at_disable, 0);
     assert_eq!(after.fw.page_corruptions, 0);
     assert_eq!(after.unmapped_while_held, 0);
@@ -66,7 +69,10 @@ fn signatures_checked_by_the_device_pass() {
 
 #[test]
 fn polled_and_event_completion_both_work() {
-    for mode in [mlx5_driver::Completion::Polled, mlx5_driver::Completion::Events] {
+    for mode in [
+        mlx5_driver::Completion::Polled,
+        mlx5_driver::Completion::Events,
+    ] {
         let dev = sim(vec![]);
         let cfg = HcaConfig {
             completion: mode,
@@ -89,7 +95,9 @@ fn polled_and_event_completion_both_work() {
     }
 }
 
-fn expect_failure(faults: Vec<Fault>) -> (Box<mlx5_driver::hca::BringupError>, ipoib_sim::SimReport) {
+fn expect_failure(
+    faults: Vec<Fault>,
+) -> (Box<mlx5_driver::hca::BringupError>, ipoib_sim::SimReport) {
     let dev = sim(faults);
     let err = Hca::bring_up(dev.clone(), quick_cfg()).expect_err("bring-up must fail");
     let report = dev.report();
@@ -119,7 +127,10 @@ fn command_error_names_step_command_status_and_syndrome() {
         "bring-up of sim failed at creating the async EQ: CREATE_EQ (0x301) op_mod 0x0 failed: \
          status BAD_PARAM_ERR (0x03), syndrome 0x00c0ffee"
     );
-    assert!(!err.teardown.reset, "firmware still answers, no reset needed");
+    assert!(
+        !err.teardown.reset,
+        "firmware still answers, no reset needed"
+    );
     assert_eq!(report.pages_held, 0);
     assert_eq!(report.fw.objects_at_teardown, 0);
 }
@@ -128,9 +139,15 @@ fn command_error_names_step_command_status_and_syndrome() {
 fn command_timeout_resets_the_function_and_frees_everything() {
     let (err, report) = expect_failure(vec!["cmd-timeout=0x100".parse().unwrap()]);
     assert_eq!(err.step, Step::QueryCaps);
-    assert!(matches!(err.source, HcaError::Cmd(mlx5_driver::cmd::CmdError::Timeout { .. })));
+    assert!(matches!(
+        err.source,
+        HcaError::Cmd(mlx5_driver::cmd::CmdError::Timeout { .. })
+    ));
     assert!(one_line(&*err).contains("QUERY_HCA_CAP (0x100) op_mod 0x0 timed out after 300 ms"));
-    assert!(err.teardown.reset, "a stuck slot needs a function reset before DMA is freed");
+    assert!(
+        err.teardown.reset,
+        "a stuck slot needs a function reset before DMA is freed"
+    );
     assert_eq!(report.resets, 1);
     assert_eq!(report.unmapped_while_held, 0);
 }
@@ -197,7 +214,11 @@ fn page_request_storm_is_served() {
 
 #[test]
 fn every_command_status_is_reported_typed() {
-    for (op, step) in [(0x104u16, Step::EnableHca), (0x102, Step::InitHca), (0x800, Step::AllocPd)] {
+    for (op, step) in [
+        (0x104u16, Step::EnableHca),
+        (0x102, Step::InitHca),
+        (0x800, Step::AllocPd),
+    ] {
         let (err, _) = expect_failure(vec![format!("cmd-error={op:#x}:0x5").parse().unwrap()]);
         assert_eq!(err.step, step);
         match &err.source {
@@ -245,6 +266,10 @@ fn command_with_multi_block_input_and_output() {
     assert_eq!(out.len(), 1200);
     assert_eq!(u16::from_be_bytes([out[4], out[5]]), 4096, "max_mtu");
     assert_eq!(u16::from_be_bytes([out[12], out[13]]), 4096, "oper_mtu");
-    assert_eq!(&out[16..], &data[16..], "tail came back through the output chain");
+    assert_eq!(
+        &out[16..],
+        &data[16..],
+        "tail came back through the output chain"
+    );
     assert!(hca.shutdown().clean());
 }

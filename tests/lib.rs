@@ -5,7 +5,6 @@
 //! report themselves as skipped otherwise.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
 #![deny(unsafe_code)]
 
 use std::sync::Arc;
@@ -16,7 +15,9 @@ use mlx5_driver::HcaConfig;
 
 /// The PCI address of a card for hardware runs, if any.
 pub fn hardware_device() -> Option<String> {
-    std::env::var("IPOIB_TEST_DEVICE").ok().filter(|s| !s.is_empty())
+    std::env::var("IPOIB_TEST_DEVICE")
+        .ok()
+        .filter(|s| !s.is_empty())
 }
 
 /// Prints the standard skip line for a hardware test without a card.

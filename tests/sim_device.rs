@@ -138,7 +138,11 @@ fn bad_type_and_bad_chain_are_delivery_errors() {
     e[0x38..0x3C].copy_from_slice(&[0, 0, 0, 0x70]);
     e[0x3F] = 1;
     rig.q.write(0, &e);
-    assert_eq!(rig.ring(Duration::from_secs(2)).unwrap() >> 1, 0x03, "bad block number");
+    assert_eq!(
+        rig.ring(Duration::from_secs(2)).unwrap() >> 1,
+        0x03,
+        "bad block number"
+    );
 
     // Token mismatch between entry and block.
     blk[0x238..0x23C].copy_from_slice(&0u32.to_be_bytes());
@@ -146,7 +150,11 @@ fn bad_type_and_bad_chain_are_delivery_errors() {
     chain.write(0, &blk);
     e[0x3C] = 8;
     rig.q.write(0, &e);
-    assert_eq!(rig.ring(Duration::from_secs(2)).unwrap() >> 1, 0x02, "token error");
+    assert_eq!(
+        rig.ring(Duration::from_secs(2)).unwrap() >> 1,
+        0x02,
+        "token error"
+    );
 
     // Misaligned output mailbox pointer.
     e[0x3C] = 9;

@@ -161,7 +161,11 @@ fn probe_with<T: Transport>(t: T, opts: &ProbeOptions) -> ExitCode {
     if report.clean() {
         ExitCode::SUCCESS
     } else {
-        eprintln!("ipoib-vfio: teardown of {} left problems: {}", info.device, report.errors.join("; "));
+        eprintln!(
+            "ipoib-vfio: teardown of {} left problems: {}",
+            info.device,
+            report.errors.join("; ")
+        );
         ExitCode::FAILURE
     }
 }
@@ -264,7 +268,11 @@ pub fn render_text(i: &HcaInfo, r: &TeardownReport) -> String {
     );
     let _ = writeln!(s, "  node GUID    {}", guid(i.node_guid));
     if i.port_type != 0 {
-        let _ = writeln!(s, "  ports        Ethernet (port_type {}): not an InfiniBand function", i.port_type);
+        let _ = writeln!(
+            s,
+            "  ports        Ethernet (port_type {}): not an InfiniBand function",
+            i.port_type
+        );
     }
     for p in &i.ports {
         let _ = writeln!(
@@ -282,8 +290,20 @@ pub fn render_text(i: &HcaInfo, r: &TeardownReport) -> String {
         let _ = writeln!(s, "    MTU        {} (max {})", p.mtu, p.max_mtu);
         let _ = writeln!(s, "    GID 0      {}", gid(&p.gid));
         let _ = writeln!(s, "    port GUID  {}", guid(p.port_guid));
-        let pk: Vec<String> = p.pkeys.iter().map(|(ix, k)| format!("[{ix}] {k:#06x}")).collect();
-        let _ = writeln!(s, "    P_Keys     {}", if pk.is_empty() { "none".into() } else { pk.join(", ") });
+        let pk: Vec<String> = p
+            .pkeys
+            .iter()
+            .map(|(ix, k)| format!("[{ix}] {k:#06x}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "    P_Keys     {}",
+            if pk.is_empty() {
+                "none".into()
+            } else {
+                pk.join(", ")
+            }
+        );
     }
     if r.clean() {
         let _ = writeln!(
@@ -307,21 +327,34 @@ mod tests {
         assert_eq!(parse_bdf("0000:81:00.0").as_deref(), Some("0000:81:00.0"));
         assert_eq!(parse_bdf("81:00.1").as_deref(), Some("0000:81:00.1"));
         assert_eq!(parse_bdf("0000:AF:1F.7").as_deref(), Some("0000:af:1f.7"));
-        for bad in ["", "sim2", "81:00", "0000:81:20.0", "0000:81:00.8", "000:81:00.0", "x000:81:00.0"] {
+        for bad in [
+            "",
+            "sim2",
+            "81:00",
+            "0000:81:20.0",
+            "0000:81:00.8",
+            "000:81:00.0",
+            "x000:81:00.0",
+        ] {
             assert_eq!(parse_bdf(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn spec_rules() {
-        assert!(matches!(DeviceSpec::parse("81:00.0", &[]), Ok(DeviceSpec::Pci(_))));
+        assert!(matches!(
+            DeviceSpec::parse("81:00.0", &[]),
+            Ok(DeviceSpec::Pci(_))
+        ));
         assert!(matches!(
             DeviceSpec::parse("81:00.0", &["slow-start=1".into()]),
             Err(SpecError::FaultsOnHardware)
         ));
         #[cfg(feature = "sim")]
         {
-            assert!(matches!(DeviceSpec::parse("sim", &["page-storm=2".into()]), Ok(DeviceSpec::Sim(f)) if f.len() == 1));
+            assert!(
+                matches!(DeviceSpec::parse("sim", &["page-storm=2".into()]), Ok(DeviceSpec::Sim(f)) if f.len() == 1)
+            );
             assert!(DeviceSpec::parse("sim", &["nonsense".into()]).is_err());
         }
     }

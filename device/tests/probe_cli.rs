@@ -16,7 +16,11 @@ fn probe(args: &[&str]) -> Output {
 fn sim_probe_prints_the_hca() {
     let o = probe(&["--device", "sim"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     for want in [
         "sim (ConnectX-5)",
         "15b3:1017",
@@ -31,7 +35,11 @@ fn sim_probe_prints_the_hca() {
     ] {
         assert!(out.contains(want), "missing `{want}` in:\n{out}");
     }
-    assert!(o.stderr.is_empty(), "quiet by default: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stderr.is_empty(),
+        "quiet by default: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -48,7 +56,12 @@ fn sim_probe_json() {
 
 #[test]
 fn failure_is_one_line_with_step_command_status_syndrome() {
-    let o = probe(&["--device", "sim", "--sim-fault", "cmd-error=0x800:0x0f:0x77"]);
+    let o = probe(&[
+        "--device",
+        "sim",
+        "--sim-fault",
+        "cmd-error=0x800:0x0f:0x77",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
@@ -62,14 +75,25 @@ fn failure_is_one_line_with_step_command_status_syndrome() {
 
 #[test]
 fn timeout_fault_from_the_command_line() {
-    let o = probe(&["--device", "sim", "--sim-fault", "cmd-timeout=0x10a", "--cmd-timeout-ms", "200", "--json"]);
+    let o = probe(&[
+        "--device",
+        "sim",
+        "--sim-fault",
+        "cmd-timeout=0x10a",
+        "--cmd-timeout-ms",
+        "200",
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
     assert_eq!(v["ok"], false);
     assert_eq!(v["step"], "ISSI negotiation");
     assert_eq!(v["teardown"]["reset"], true);
     assert_eq!(v["teardown"]["dma_bytes_left"], 0);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("QUERY_ISSI (0x10a) op_mod 0x0 timed out after 200 ms"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("QUERY_ISSI (0x10a) op_mod 0x0 timed out after 200 ms")
+    );
 }
 
 #[test]
@@ -95,7 +119,13 @@ fn missing_pci_device_is_reported() {
 fn help_documents_the_faults() {
     let o = probe(&["--help"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    for f in ["cmd-timeout=", "cmd-error=", "health=", "slow-start=", "page-storm="] {
+    for f in [
+        "cmd-timeout=",
+        "cmd-error=",
+        "health=",
+        "slow-start=",
+        "page-storm=",
+    ] {
         assert!(out.contains(f), "{f} missing from --help");
     }
 }

@@ -460,7 +460,8 @@ impl<T: Transport> Hca<T> {
         let cmd = at(Step::OpenDevice, self.t.config_read16(pci::COMMAND))?;
         at(
             Step::OpenDevice,
-            self.t.config_write16(pci::COMMAND, cmd | pci::COMMAND_MEMORY),
+            self.t
+                .config_write16(pci::COMMAND, cmd | pci::COMMAND_MEMORY),
         )?;
 
         // Init segment: firmware ready, revision, geometry (§3.2 order).
@@ -476,7 +477,8 @@ impl<T: Transport> Hca<T> {
         let geo = self.t.bar_read32(regs::CMDQ_ADDR_L_SZ.off);
         let log_size = ((geo >> 4) & 0xf) as u8;
         let log_stride = (geo & 0xf) as u8;
-        if (1u32 << log_size) > 32 || log_size + log_stride > 12 || log_stride < 6 || log_size == 0 {
+        if (1u32 << log_size) > 32 || log_size + log_stride > 12 || log_stride < 6 || log_size == 0
+        {
             return Err((Step::InitSegment, HcaError::Geometry(log_size, log_stride)));
         }
         let q = at(
@@ -486,15 +488,18 @@ impl<T: Transport> Hca<T> {
         let addr = q.iova().0;
         self.info.cmd_slots = q.slots();
         self.cmdq = Some(q);
-        self.t.bar_write32(regs::CMDQ_ADDR_H.off, (addr >> 32) as u32);
+        self.t
+            .bar_write32(regs::CMDQ_ADDR_H.off, (addr >> 32) as u32);
         // Low half with nic_interface = 0 (full driver).
         self.t
             .bar_write32(regs::CMDQ_ADDR_L_SZ.off, (addr as u32) & 0xFFFF_F000);
         let cmd = at(Step::CommandQueue, self.t.config_read16(pci::COMMAND))?;
         at(
             Step::CommandQueue,
-            self.t
-                .config_write16(pci::COMMAND, cmd | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER),
+            self.t.config_write16(
+                pci::COMMAND,
+                cmd | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER,
+            ),
         )?;
         at(Step::FirmwareReady, self.wait_fw_ready())?;
 
@@ -571,7 +576,10 @@ impl<T: Transport> Hca<T> {
         let pd = at(Step::AllocPd, self.exec(&AllocPd))?;
         self.pd = Some(pd);
         self.info.pd = pd;
-        let lkey = at(Step::CreateMkey, self.exec(&CreatePaMkey { pd, key_low: 0x42 }))?;
+        let lkey = at(
+            Step::CreateMkey,
+            self.exec(&CreatePaMkey { pd, key_low: 0x42 }),
+        )?;
         self.mkey = Some(lkey);
         self.info.lkey = lkey;
 
@@ -726,7 +734,12 @@ impl<T: Transport> Hca<T> {
     }
 
     /// A local SMP Get through MAD_IFC.
-    pub fn smp(&mut self, port: u8, attr_id: u16, attr_mod: u32) -> Result<[u8; MAD_LEN], HcaError> {
+    pub fn smp(
+        &mut self,
+        port: u8,
+        attr_id: u16,
+        attr_mod: u32,
+    ) -> Result<[u8; MAD_LEN], HcaError> {
         let tid = self.stats.commands;
         let resp = self.exec(&MadIfc {
             port,
@@ -815,7 +828,9 @@ impl<T: Transport> Hca<T> {
             }
             if self.use_eq && self.cfg.completion == Completion::Events {
                 let left = self.cfg.cmd_timeout - waited;
-                let nap = left.min(self.cfg.health_interval).max(Duration::from_micros(100));
+                let nap = left
+                    .min(self.cfg.health_interval)
+                    .max(Duration::from_micros(100));
                 if let Some(fd) = &self.irq {
                     match wait_eventfd(fd, nap) {
                         Ok(Some(n)) if n > 0 => self.stats.interrupts += 1,
@@ -842,7 +857,12 @@ impl<T: Transport> Hca<T> {
 
     fn eq_doorbell(&self, arm: bool) {
         if let Some(eq) = &self.eq {
-            let off = eq.uar * regs::UAR_PAGE + if arm { regs::UAR_EQ_ARM } else { regs::UAR_EQ_NOARM };
+            let off = eq.uar * regs::UAR_PAGE
+                + if arm {
+                    regs::UAR_EQ_ARM
+                } else {
+                    regs::UAR_EQ_NOARM
+                };
             self.t.bar_write32(off, eq.ring.doorbell(eq.eqn));
         }
     }
@@ -962,7 +982,10 @@ impl<T: Transport> Hca<T> {
                     ManagePages::Give { function_id, pages },
                 ),
                 Err(e) => {
-                    tracing::error!(device = self.info.device, "no memory for firmware pages: {e}");
+                    tracing::error!(
+                        device = self.info.device,
+                        "no memory for firmware pages: {e}"
+                    );
                     (PageCmd::CannotGive, ManagePages::CannotGive { function_id })
                 }
             }
@@ -991,7 +1014,10 @@ impl<T: Transport> Hca<T> {
                 self.page_work.in_flight = Some((kind, cmd));
             }
             Err(e) => {
-                tracing::warn!(device = self.info.device, "posting a page command failed: {e}");
+                tracing::warn!(
+                    device = self.info.device,
+                    "posting a page command failed: {e}"
+                );
                 if let PageCmd::Give(p) = kind {
                     self.pages.put_back(p);
                 }
@@ -1059,13 +1085,19 @@ impl<T: Transport> Hca<T> {
 
     fn teardown(&mut self) -> TeardownReport {
         let mut r = TeardownReport::default();
-        let mut need_reset = self.fatal.is_some() || self.cmdq.as_ref().is_some_and(CmdQueue::has_stuck);
+        let mut need_reset =
+            self.fatal.is_some() || self.cmdq.as_ref().is_some_and(CmdQueue::has_stuck);
         let note = |r: &mut TeardownReport, what: &str, e: &dyn fmt::Display| {
             r.errors.push(format!("{what}: {e}"));
         };
         if !need_reset && self.cmdq.is_some() {
             let failed = |e: &CmdError| {
-                matches!(e, CmdError::Timeout { .. } | CmdError::DeviceFatal { .. } | CmdError::Transport { .. })
+                matches!(
+                    e,
+                    CmdError::Timeout { .. }
+                        | CmdError::DeviceFatal { .. }
+                        | CmdError::Transport { .. }
+                )
             };
             if let Some(k) = self.mkey.take()
                 && let Err(e) = self.exec(&DestroyMkey(k >> 8))
@@ -1082,7 +1114,10 @@ impl<T: Transport> Hca<T> {
             }
             // Let an in-flight page command finish, then stop using the EQ.
             let t0 = Instant::now();
-            while self.page_work.in_flight.is_some() && t0.elapsed() < self.cfg.cmd_timeout && !need_reset {
+            while self.page_work.in_flight.is_some()
+                && t0.elapsed() < self.cfg.cmd_timeout
+                && !need_reset
+            {
                 self.drain_eq(false);
                 std::thread::yield_now();
             }
@@ -1170,7 +1205,11 @@ impl<T: Transport> Hca<T> {
                 note(&mut r, "command queue", &e);
             }
         } else {
-            note(&mut r, "DMA", &"kept mapped: the device could not be quiesced");
+            note(
+                &mut r,
+                "DMA",
+                &"kept mapped: the device could not be quiesced",
+            );
         }
         r.dma_bytes_left = self.space.allocated();
         r
@@ -1185,10 +1224,13 @@ impl<T: Transport> Hca<T> {
                 Some(q) => q.page_slot(),
                 None => break,
             };
-            match self.exec_on(slot, &ManagePages::Take {
-                function_id: 0,
-                count: want,
-            }) {
+            match self.exec_on(
+                slot,
+                &ManagePages::Take {
+                    function_id: 0,
+                    count: want,
+                },
+            ) {
                 Ok(pages) => {
                     for p in &pages {
                         if self.pages.returned(*p) {
@@ -1223,7 +1265,10 @@ impl<T: Transport> Hca<T> {
 impl<T: Transport> Drop for Hca<T> {
     fn drop(&mut self) {
         if self.cmdq.is_some() {
-            tracing::warn!(device = self.info.device, "HCA dropped without shutdown; tearing down");
+            tracing::warn!(
+                device = self.info.device,
+                "HCA dropped without shutdown; tearing down"
+            );
             let r = self.teardown();
             if !r.clean() {
                 tracing::warn!(device = self.info.device, ?r, "teardown left problems");

@@ -83,7 +83,8 @@ impl HealthMonitor {
 
     /// Whether a sample is due at `now`.
     pub fn due(&self, now: Instant) -> bool {
-        self.last.is_none_or(|l| now.duration_since(l) >= self.interval)
+        self.last
+            .is_none_or(|l| now.duration_since(l) >= self.interval)
     }
 
     /// Samples the device if due.
@@ -95,7 +96,10 @@ impl HealthMonitor {
         let h = sensors(t)?;
         if h.synd != self.last_synd {
             if h.synd != 0 {
-                tracing::warn!(device = t.name(), "health syndrome without recovery request: {h}");
+                tracing::warn!(
+                    device = t.name(),
+                    "health syndrome without recovery request: {h}"
+                );
             }
             self.last_synd = h.synd;
         }

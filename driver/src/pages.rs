@@ -47,8 +47,11 @@ impl PagePool {
         while self.free.len() < n {
             let chunk = DmaBuffer::alloc(t, space, CHUNK)?;
             let base = chunk.iova();
-            self.free
-                .extend((0..(CHUNK as u64 / FW_PAGE)).rev().map(|k| base.add(k * FW_PAGE)));
+            self.free.extend(
+                (0..(CHUNK as u64 / FW_PAGE))
+                    .rev()
+                    .map(|k| base.add(k * FW_PAGE)),
+            );
             self.chunks.push(chunk);
         }
         let at = self.free.len() - n;
@@ -122,7 +125,10 @@ mod tests {
         let uniq: HashSet<_> = pages.iter().map(|p| p.0).collect();
         assert_eq!(uniq.len(), 600);
         pool.mark_given(&pages);
-        assert!(!pool.returned(Iova(0xdead_0000)), "a page we never gave is refused");
+        assert!(
+            !pool.returned(Iova(0xdead_0000)),
+            "a page we never gave is refused"
+        );
         for p in &pages[..100] {
             assert!(pool.returned(*p));
         }

@@ -9,14 +9,22 @@
 pub fn field(buf: &[u8], off: usize, hi: u32, lo: u32) -> u32 {
     let w = dword(buf, off);
     let width = hi - lo + 1;
-    let mask = if width == 32 { u32::MAX } else { (1 << width) - 1 };
+    let mask = if width == 32 {
+        u32::MAX
+    } else {
+        (1 << width) - 1
+    };
     (w >> lo) & mask
 }
 
 /// Sets bits `hi..=lo` of the big-endian dword at `off`.
 pub fn set_field(buf: &mut [u8], off: usize, hi: u32, lo: u32, v: u32) {
     let width = hi - lo + 1;
-    let mask = if width == 32 { u32::MAX } else { (1 << width) - 1 };
+    let mask = if width == 32 {
+        u32::MAX
+    } else {
+        (1 << width) - 1
+    };
     let w = (dword(buf, off) & !(mask << lo)) | ((v & mask) << lo);
     set_dword(buf, off, w);
 }

@@ -86,12 +86,14 @@ impl FromStr for Fault {
         match kind {
             "cmd-timeout" => Ok(Fault::CmdTimeout { opcode: opcode(0)? }),
             "cmd-error" => {
-                let status = u8::try_from(n(1, "missing status")?).map_err(|_| err("status is 8 bits"))?;
+                let status =
+                    u8::try_from(n(1, "missing status")?).map_err(|_| err("status is 8 bits"))?;
                 if status == 0 {
                     return Err(err("status 0 is success"));
                 }
                 let syndrome = match parts.get(2) {
-                    Some(_) => u32::try_from(n(2, "bad syndrome")?).map_err(|_| err("syndrome is 32 bits"))?,
+                    Some(_) => u32::try_from(n(2, "bad syndrome")?)
+                        .map_err(|_| err("syndrome is 32 bits"))?,
                     None => 0x5EED_0000 | u32::from(status),
                 };
                 Ok(Fault::CmdError {
@@ -101,13 +103,16 @@ impl FromStr for Fault {
                 })
             }
             "health" => {
-                let synd = u8::try_from(n(0, "bad syndrome")?).map_err(|_| err("syndrome is 8 bits"))?;
+                let synd =
+                    u8::try_from(n(0, "bad syndrome")?).map_err(|_| err("syndrome is 8 bits"))?;
                 if synd == 0 {
                     return Err(err("syndrome 0 means healthy"));
                 }
                 let after = match parts.get(1) {
                     Some(p) => {
-                        let v = p.strip_prefix("after=").ok_or_else(|| err("expected after=OPCODE"))?;
+                        let v = p
+                            .strip_prefix("after=")
+                            .ok_or_else(|| err("expected after=OPCODE"))?;
                         num(v)
                             .and_then(|v| u16::try_from(v).ok())
                             .ok_or_else(|| err("bad opcode"))?
@@ -116,11 +121,17 @@ impl FromStr for Fault {
                 };
                 Ok(Fault::Health { synd, after })
             }
-            "slow-start" => Ok(Fault::SlowStart(Duration::from_millis(n(0, "bad milliseconds")?))),
+            "slow-start" => Ok(Fault::SlowStart(Duration::from_millis(n(
+                0,
+                "bad milliseconds",
+            )?))),
             "page-storm" => {
-                let rounds = u32::try_from(n(0, "bad round count")?).map_err(|_| err("too many rounds"))?;
+                let rounds =
+                    u32::try_from(n(0, "bad round count")?).map_err(|_| err("too many rounds"))?;
                 let pages = match parts.get(1) {
-                    Some(_) => u32::try_from(n(1, "bad page count")?).map_err(|_| err("too many pages"))?,
+                    Some(_) => {
+                        u32::try_from(n(1, "bad page count")?).map_err(|_| err("too many pages"))?
+                    }
                     None => 64,
                 };
                 if pages == 0 || pages > 1 << 20 {
@@ -155,16 +166,48 @@ mod tests {
 
     #[test]
     fn parses_every_form() {
-        assert_eq!("cmd-timeout=0x100".parse(), Ok(Fault::CmdTimeout { opcode: 0x100 }));
+        assert_eq!(
+            "cmd-timeout=0x100".parse(),
+            Ok(Fault::CmdTimeout { opcode: 0x100 })
+        );
         assert_eq!(
             "cmd-error=0x301:3:0x1234".parse(),
-            Ok(Fault::CmdError { opcode: 0x301, status: 3, syndrome: 0x1234 })
+            Ok(Fault::CmdError {
+                opcode: 0x301,
+                status: 3,
+                syndrome: 0x1234
+            })
         );
-        assert_eq!("health=8".parse(), Ok(Fault::Health { synd: 8, after: 0x102 }));
-        assert_eq!("health=0x0b:after=0x800".parse(), Ok(Fault::Health { synd: 0xb, after: 0x800 }));
-        assert_eq!("slow-start=250".parse(), Ok(Fault::SlowStart(Duration::from_millis(250))));
-        assert_eq!("page-storm=10".parse(), Ok(Fault::PageStorm { rounds: 10, pages: 64 }));
-        for f in ["cmd-timeout=0x100", "page-storm=3:7", "health=0x8:after=0x102"] {
+        assert_eq!(
+            "health=8".parse(),
+            Ok(Fault::Health {
+                synd: 8,
+                after: 0x102
+            })
+        );
+        assert_eq!(
+            "health=0x0b:after=0x800".parse(),
+            Ok(Fault::Health {
+                synd: 0xb,
+                after: 0x800
+            })
+        );
+        assert_eq!(
+            "slow-start=250".parse(),
+            Ok(Fault::SlowStart(Duration::from_millis(250)))
+        );
+        assert_eq!(
+            "page-storm=10".parse(),
+            Ok(Fault::PageStorm {
+                rounds: 10,
+                pages: 64
+            })
+        );
+        for f in [
+            "cmd-timeout=0x100",
+            "page-storm=3:7",
+            "health=0x8:after=0x102",
+        ] {
             let p: Fault = f.parse().unwrap();
             assert_eq!(p.to_string().parse::<Fault>().unwrap(), p);
         }
@@ -173,8 +216,16 @@ mod tests {
     #[test]
     fn rejects_nonsense() {
         for bad in [
-            "", "cmd-timeout", "cmd-timeout=x", "cmd-timeout=0x10000", "cmd-error=0x100",
-            "cmd-error=0x100:0", "health=0", "health=8:later", "page-storm=1:0", "bogus=1",
+            "",
+            "cmd-timeout",
+            "cmd-timeout=x",
+            "cmd-timeout=0x10000",
+            "cmd-error=0x100",
+            "cmd-error=0x100:0",
+            "health=0",
+            "health=8:later",
+            "page-storm=1:0",
+            "bogus=1",
         ] {
             assert!(bad.parse::<Fault>().is_err(), "{bad}");
         }

@@ -234,7 +234,14 @@ impl Firmware {
     }
 
     /// Posts an event of type `kind` to the first EQ subscribed to it.
-    pub fn post_event(&mut self, iommu: &Iommu, kind: u8, sub: u8, data: &[u8; 28], fx: &mut Effects) {
+    pub fn post_event(
+        &mut self,
+        iommu: &Iommu,
+        kind: u8,
+        sub: u8,
+        data: &[u8; 28],
+        fx: &mut Effects,
+    ) {
         let Some(eq) = self.eqs.values_mut().find(|e| e.subscribes(kind)) else {
             return;
         };
@@ -264,7 +271,12 @@ impl Firmware {
 
     fn required_pages(&self) -> usize {
         if self.initialized || self.caps_set {
-            (self.p.boot_pages + if self.initialized { self.p.init_pages } else { 0 }) as usize
+            (self.p.boot_pages
+                + if self.initialized {
+                    self.p.init_pages
+                } else {
+                    0
+                }) as usize
         } else {
             0
         }
@@ -272,7 +284,9 @@ impl Firmware {
 
     /// Sends the next page-storm request, if any is due.
     pub fn storm_step(&mut self, iommu: &Iommu, fx: &mut Effects) {
-        let Some((_, pages)) = self.p.storm else { return };
+        let Some((_, pages)) = self.p.storm else {
+            return;
+        };
         if !self.initialized || !self.eqs.values().any(|e| e.subscribes(0x0B)) {
             return;
         }
@@ -355,10 +369,18 @@ impl Firmware {
         let mut o = vec![0u8; outlen.max(16)];
         let function_id = field(i, 0x08, 15, 0);
         let need_enabled = |s: &Self| {
-            if s.enabled { Ok(()) } else { Err(fail(op, BAD_SYS_STATE, Reason::NotEnabled)) }
+            if s.enabled {
+                Ok(())
+            } else {
+                Err(fail(op, BAD_SYS_STATE, Reason::NotEnabled))
+            }
         };
         let need_init = |s: &Self| {
-            if s.initialized { Ok(()) } else { Err(fail(op, BAD_SYS_STATE, Reason::NotInitialized)) }
+            if s.initialized {
+                Ok(())
+            } else {
+                Err(fail(op, BAD_SYS_STATE, Reason::NotInitialized))
+            }
         };
         match op {
             // ENABLE_HCA / DISABLE_HCA
@@ -447,11 +469,13 @@ impl Firmware {
                         }
                         // Credit the boot stage, then init, then run-time requests.
                         let mut left = n as u32;
-                        let b = left.min(self.p.boot_pages - self.boot_given.min(self.p.boot_pages));
+                        let b =
+                            left.min(self.p.boot_pages - self.boot_given.min(self.p.boot_pages));
                         self.boot_given += b;
                         left -= b;
                         if self.caps_set || self.boot_given >= self.p.boot_pages {
-                            let k = left.min(self.p.init_pages - self.init_given.min(self.p.init_pages));
+                            let k = left
+                                .min(self.p.init_pages - self.init_given.min(self.p.init_pages));
                             self.init_given += k;
                             left -= k;
                         }
@@ -463,7 +487,13 @@ impl Firmware {
                     2 => {
                         let spare = self.pages.len().saturating_sub(self.required_pages());
                         let cap = (outlen.saturating_sub(0x10)) / 8;
-                        let give_back: Vec<u64> = self.pages.iter().rev().take(n.min(spare).min(cap)).copied().collect();
+                        let give_back: Vec<u64> = self
+                            .pages
+                            .iter()
+                            .rev()
+                            .take(n.min(spare).min(cap))
+                            .copied()
+                            .collect();
                         for (k, p) in give_back.iter().enumerate() {
                             if !Self::check_tag(iommu, *p) {
                                 self.stats.page_corruptions += 1;
@@ -590,7 +620,9 @@ impl Firmware {
             // ALLOC_UAR / DEALLOC_UAR
             0x802 => {
                 need_init(self)?;
-                let u = (FIRST_UAR..).find(|u| !self.uars.contains(u)).unwrap_or(FIRST_UAR);
+                let u = (FIRST_UAR..)
+                    .find(|u| !self.uars.contains(u))
+                    .unwrap_or(FIRST_UAR);
                 self.uars.insert(u);
                 set_field(&mut o, 0x08, 23, 0, u);
             }
@@ -668,7 +700,9 @@ impl Firmware {
                 let uar = field(i, EQC + 0x0C, 23, 0);
                 let intr = field(i, EQC + 0x14, 11, 0) as u16;
                 let log_page = field(i, EQC + 0x18, 28, 24);
-                if log_size == 0 || u32::from(log_size) > caps::get(&self.caps_cur, f::LOG_MAX_EQ_SZ) {
+                if log_size == 0
+                    || u32::from(log_size) > caps::get(&self.caps_cur, f::LOG_MAX_EQ_SZ)
+                {
                     return Err(fail(op, BAD_PARAM, Reason::BadEqSize));
                 }
                 if !self.uars.contains(&uar) {

@@ -197,7 +197,9 @@ pub struct SimHca {
 
 impl std::fmt::Debug for SimHca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimHca").field("cfg", &self.shared.cfg).finish_non_exhaustive()
+        f.debug_struct("SimHca")
+            .field("cfg", &self.shared.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -316,8 +318,16 @@ impl Transport for SimHca {
             o if (UAR_PAGE..BAR0_LEN).contains(&o) => {
                 let uar = o / UAR_PAGE;
                 match o % UAR_PAGE {
-                    0x040 => self.send(Msg::EqDoorbell { uar, value, arm: true }),
-                    0x048 => self.send(Msg::EqDoorbell { uar, value, arm: false }),
+                    0x040 => self.send(Msg::EqDoorbell {
+                        uar,
+                        value,
+                        arm: true,
+                    }),
+                    0x048 => self.send(Msg::EqDoorbell {
+                        uar,
+                        value,
+                        arm: false,
+                    }),
                     _ => {
                         self.shared.n.stray_writes.fetch_add(1, Ordering::Relaxed);
                     }
@@ -390,10 +400,11 @@ impl Transport for SimHca {
     fn reset(&self) -> Result<(), TransportError> {
         let (tx, rx) = mpsc::channel();
         self.send(Msg::Reset(tx));
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| TransportError::Io {
-            op: "simulated function reset",
-            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
-        })
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| TransportError::Io {
+                op: "simulated function reset",
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            })
     }
 }
 
@@ -547,7 +558,10 @@ impl Device {
         }
         if e[0x3F] & 1 == 0 {
             // Software owns the entry: the doorbell is ignored (§9.2).
-            self.shared.n.ignored_doorbells.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .n
+                .ignored_doorbells
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         let opcode = (dword(&e, 0x10) >> 16) as u16;
@@ -575,12 +589,20 @@ impl Device {
             self.shared.n.iommu_faults.fetch_add(1, Ordering::Relaxed);
         }
         if delivery != 0 {
-            self.shared.n.delivery_errors.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .n
+                .delivery_errors
+                .fetch_add(1, Ordering::Relaxed);
         }
         // Then the command-completion EQE.
         if self.fw.has_cmd_eq() {
-            self.fw
-                .post_event(&iommu_guard, 0x0A, 0, &data_with_dword(0, 1 << slot), &mut fx);
+            self.fw.post_event(
+                &iommu_guard,
+                0x0A,
+                0,
+                &data_with_dword(0, 1 << slot),
+                &mut fx,
+            );
         }
         self.fw.after_command(&iommu_guard, &mut fx);
         if matches!(opcode, 0x108 | 0x105 | 0x103) {
@@ -617,7 +639,14 @@ impl Device {
 
     /// Reads input, validates delivery, executes and writes the output.
     /// Returns the delivery status.
-    fn deliver(&mut self, iommu: &Iommu, e: &mut [u8; 64], opcode: u16, op_mod: u16, fx: &mut Effects) -> u8 {
+    fn deliver(
+        &mut self,
+        iommu: &Iommu,
+        e: &mut [u8; 64],
+        opcode: u16,
+        op_mod: u16,
+        fx: &mut Effects,
+    ) -> u8 {
         if e[0x00] != 0x07 {
             return delivery::BAD_TYPE;
         }
@@ -630,7 +659,14 @@ impl Device {
         let outlen = dword(e, 0x38) as usize;
         let mut input = vec![0u8; inlen.max(16)];
         input[..16].copy_from_slice(&e[0x10..0x20]);
-        let in_chain = match self.walk_chain(iommu, qword(e, 0x08), inlen, token, check_sig, delivery::IN_ALIGN) {
+        let in_chain = match self.walk_chain(
+            iommu,
+            qword(e, 0x08),
+            inlen,
+            token,
+            check_sig,
+            delivery::IN_ALIGN,
+        ) {
             Ok(c) => c,
             Err(d) => return d,
         };
@@ -640,7 +676,14 @@ impl Device {
             input[start..start + n].copy_from_slice(&blk.1[..n]);
         }
         input.truncate(inlen);
-        let out_chain = match self.walk_chain(iommu, qword(e, 0x30), outlen, token, false, delivery::OUT_ALIGN) {
+        let out_chain = match self.walk_chain(
+            iommu,
+            qword(e, 0x30),
+            outlen,
+            token,
+            false,
+            delivery::OUT_ALIGN,
+        ) {
             Ok(c) => c,
             Err(d) => return d,
         };
@@ -705,7 +748,11 @@ impl Device {
     ) -> Result<Vec<(u64, Vec<u8>)>, u8> {
         let blocks = len.saturating_sub(16).div_ceil(512);
         if blocks > MAX_BLOCKS {
-            return Err(if align_status == delivery::IN_ALIGN { 0x07 } else { 0x08 });
+            return Err(if align_status == delivery::IN_ALIGN {
+                0x07
+            } else {
+                0x08
+            });
         }
         let mut out = Vec::with_capacity(blocks);
         let mut at = first;

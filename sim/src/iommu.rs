@@ -20,8 +20,14 @@ pub struct Iommu {
 /// Usable IOVA ranges, as on x86 (MSI window excluded).
 pub fn usable_ranges() -> Vec<IovaRange> {
     vec![
-        IovaRange { start: 0, end: 0xFEE0_0000 },
-        IovaRange { start: 0xFEF0_0000, end: 1 << 48 },
+        IovaRange {
+            start: 0,
+            end: 0xFEE0_0000,
+        },
+        IovaRange {
+            start: 0xFEF0_0000,
+            end: 1 << 48,
+        },
     ]
 }
 
@@ -33,7 +39,10 @@ impl Iommu {
             return Err("IOVA and length must be 4 KiB aligned and non-zero");
         }
         let end = iova.0.checked_add(len).ok_or("range wraps")?;
-        if !usable_ranges().iter().any(|r| iova.0 >= r.start && end <= r.end) {
+        if !usable_ranges()
+            .iter()
+            .any(|r| iova.0 >= r.start && end <= r.end)
+        {
             return Err("outside the usable IOVA ranges");
         }
         if let Some((&s, m)) = self.maps.range(..end).next_back()

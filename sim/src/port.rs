@@ -121,7 +121,11 @@ pub fn answer_smp(req: &[u8; 256], port_num: u8, port: &Port, node: &NodeIdentit
                 set_qword(&mut data, 20, port.guid);
                 set_word(&mut data, 28, port.pkeys.len() as u16);
                 set_word(&mut data, 30, node.device_id);
-                set_dword(&mut data, 36, (u32::from(port_num) << 24) | (node.vendor_id & 0xFF_FFFF));
+                set_dword(
+                    &mut data,
+                    36,
+                    (u32::from(port_num) << 24) | (node.vendor_id & 0xFF_FFFF),
+                );
                 0
             }
             0x0010 => {

@@ -1,1 +1,203 @@
-fn main(){}
+//! Developer entry points: `cargo xtask demo | test | bench`.
+//!
+//! `test` is what CI runs: it installs the system packages the suites need
+//! (on a fresh Debian machine, as root), then runs formatting, lints and
+//! every test suite, and fails if any step fails.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// Debian packages the test suites need, with a program each provides.
+/// Suites that start real third-party peers add theirs here.
+const TEST_PACKAGES: &[(&str, &str)] = &[];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
+    println!("==> {what}");
+    let t = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if status.success() {
+        println!("    {what}: ok ({:.1} s)", t.elapsed().as_secs_f64());
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn have(program: &str) -> bool {
+    env::var_os("PATH").is_some_and(|p| env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Installs the Debian packages whose programs are missing.
+fn ensure_packages(pkgs: &[(&str, &str)]) -> Result<(), String> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .filter(|(_, bin)| !have(bin))
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(format!(
+            "the test suites need these Debian packages: {} (run as root, or install them)",
+            missing.join(" ")
+        ));
+    }
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run(
+        &format!("apt-get install {}", missing.join(" ")),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn ensure_rust_tools() -> Result<(), String> {
+    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        let ok = cargo()
+            .args([tool, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            run(
+                &format!("rustup component add {component}"),
+                Command::new("rustup").args(["component", "add", component]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn test() -> Result<(), String> {
+    let t = Instant::now();
+    ensure_rust_tools()?;
+    ensure_packages(TEST_PACKAGES)?;
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "cargo check (hardware-only build, no software HCA)",
+        cargo().args(["check", "-p", "ipoib-device", "--no-default-features"]),
+    )?;
+    run("cargo test", cargo().args(["test", "--workspace"]))?;
+    println!(
+        "==> all checks passed in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn demo() -> Result<(), String> {
+    run("build", cargo().args(["build", "-q", "-p", "ipoib-device"]))?;
+    let bin = root().join("target/debug/ipoib-vfio");
+    println!();
+    println!("ipoib-vfio demo: bring-up of a simulated ConnectX-5 with one InfiniBand port.");
+    println!("The driver runs the mlx5 command interface against the software HCA exactly as");
+    println!("it would against a card bound to vfio-pci, then tears everything down again.");
+    println!();
+    println!("$ ipoib-vfio probe --device sim");
+    let st = Command::new(&bin)
+        .args(["probe", "--device", "sim"])
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    if !st.success() {
+        return Err("probe of the simulated HCA failed".into());
+    }
+    println!();
+    println!("Faults are injectable; a failed bring-up names the step, the command and the");
+    println!("device's status and syndrome, and still frees everything:");
+    println!();
+    println!("$ ipoib-vfio probe --device sim --sim-fault cmd-error=0x301:0x3");
+    let st = Command::new(&bin)
+        .args([
+            "probe",
+            "--device",
+            "sim",
+            "--sim-fault",
+            "cmd-error=0x301:0x3",
+        ])
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    if st.code() != Some(1) {
+        return Err("the injected fault did not fail the probe".into());
+    }
+    println!("(exit status 1)");
+    Ok(())
+}
+
+fn bench() -> Result<(), String> {
+    run(
+        "command round-trip latency (software HCA)",
+        cargo().args([
+            "bench",
+            "-p",
+            "ipoib-tests",
+            "--bench",
+            "cmd_latency",
+            "--",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "5",
+        ]),
+    )
+}
+
+fn main() -> ExitCode {
+    let task = env::args().nth(1).unwrap_or_default();
+    let r = match task.as_str() {
+        "test" => test(),
+        "demo" => demo(),
+        "bench" => bench(),
+        _ => {
+            eprintln!("usage: cargo xtask <demo | test | bench>");
+            return ExitCode::from(2);
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -45,10 +45,14 @@ impl Command for CreateEq {
         0x10
     }
     fn encode(&self, i: &mut [u8]) {
-        eqc::LOG_EQ_SIZE.within(EQC).set(i, u32::from(self.log_size));
+        eqc::LOG_EQ_SIZE
+            .within(EQC)
+            .set(i, u32::from(self.log_size));
         eqc::UAR_PAGE.within(EQC).set(i, self.uar);
         eqc::INTR.within(EQC).set(i, u32::from(self.intr));
-        eqc::LOG_PAGE_SIZE.within(EQC).set(i, u32::from(self.log_page_size));
+        eqc::LOG_PAGE_SIZE
+            .within(EQC)
+            .set(i, u32::from(self.log_page_size));
         for (n, w) in self.event_mask.iter().enumerate() {
             put_be64(i, EVENT_BITMASK + 8 * n, *w);
         }

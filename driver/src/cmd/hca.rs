@@ -214,7 +214,9 @@ impl Command for ManagePages {
                 why: format!("returned {n} pages, {count} were requested"),
             });
         }
-        Ok((0..n as usize).map(|k| Iova(be64(o, 0x10 + 8 * k))).collect())
+        Ok((0..n as usize)
+            .map(|k| Iova(be64(o, 0x10 + 8 * k)))
+            .collect())
     }
 }
 
@@ -242,10 +244,12 @@ impl Command for QueryHcaCap {
     fn encode(&self, _i: &mut [u8]) {}
     fn decode(&self, o: &[u8]) -> Result<GeneralCaps, CmdError> {
         let mut c = GeneralCaps::default();
-        let src = o.get(0x10..0x10 + CAP_LEN).ok_or_else(|| CmdError::BadOutput {
-            opcode: Self::OPCODE,
-            why: "short capability block".into(),
-        })?;
+        let src = o
+            .get(0x10..0x10 + CAP_LEN)
+            .ok_or_else(|| CmdError::BadOutput {
+                opcode: Self::OPCODE,
+                why: "short capability block".into(),
+            })?;
         c.0.copy_from_slice(src);
         Ok(c)
     }
@@ -339,7 +343,11 @@ impl AccessReg {
     /// The HOST_ENDIANNESS write of bring-up step 9.
     pub fn host_endianness() -> AccessReg {
         let mut data = vec![0u8; 16];
-        data[0] = if cfg!(target_endian = "big") { 0x80 } else { 0x00 };
+        data[0] = if cfg!(target_endian = "big") {
+            0x80
+        } else {
+            0x00
+        };
         AccessReg {
             write: true,
             register_id: reg::HOST_ENDIANNESS,
@@ -540,13 +548,19 @@ mod tests {
     #[test]
     fn enable_hca_matches_reference_example() {
         // §2.2 example: 01 04 00 00 00 00 00 00 00 00 00 00 00 00 00 00, outlen 0x0C.
-        assert_eq!(hex(&encode_input(&EnableHca)), "01040000000000000000000000000000");
+        assert_eq!(
+            hex(&encode_input(&EnableHca)),
+            "01040000000000000000000000000000"
+        );
         assert_eq!(EnableHca.outlen(), 0x0C);
     }
 
     #[test]
     fn disable_init_nop() {
-        assert_eq!(hex(&encode_input(&DisableHca)), "01050000000000000000000000000000");
+        assert_eq!(
+            hex(&encode_input(&DisableHca)),
+            "01050000000000000000000000000000"
+        );
         assert_eq!(
             hex(&encode_input(&InitHca)),
             "0102000000000000000000000000000000000000000000000000000000000000"
@@ -556,15 +570,27 @@ mod tests {
 
     #[test]
     fn issi() {
-        assert_eq!(hex(&encode_input(&QueryIssi)), "010a0000000000000000000000000000");
+        assert_eq!(
+            hex(&encode_input(&QueryIssi)),
+            "010a0000000000000000000000000000"
+        );
         assert_eq!(QueryIssi.outlen(), 0x70);
-        assert_eq!(hex(&encode_input(&SetIssi(1))), "010b0000000000000000000100000000");
+        assert_eq!(
+            hex(&encode_input(&SetIssi(1))),
+            "010b0000000000000000000100000000"
+        );
         let mut out = vec![0u8; 0x70];
         out[0x0A] = 0x00;
         out[0x0B] = 0x00;
         out[0x6F] = 0x03; // ISSI 0 and 1
         let r = check_output(&QueryIssi, &out).unwrap();
-        assert_eq!(r, IssiInfo { current: 0, supported: 3 });
+        assert_eq!(
+            r,
+            IssiInfo {
+                current: 0,
+                supported: 3
+            }
+        );
     }
 
     #[test]
@@ -580,7 +606,10 @@ mod tests {
         let out = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x01, 0x00];
         assert_eq!(
             check_output(&QueryPages(PageStage::Boot), &out).unwrap(),
-            PageNeed { function_id: 0, num_pages: 256 }
+            PageNeed {
+                function_id: 0,
+                num_pages: 256
+            }
         );
     }
 
@@ -593,12 +622,22 @@ mod tests {
         assert_eq!(
             hex(&encode_input(&give)),
             concat!(
-                "01080000", "00000001", "00000000", "00000002",
-                "0000000123456000", "0000000000007000"
+                "01080000",
+                "00000001",
+                "00000000",
+                "00000002",
+                "0000000123456000",
+                "0000000000007000"
             )
         );
-        let take = ManagePages::Take { function_id: 0, count: 2 };
-        assert_eq!(hex(&encode_input(&take)), "01080000000000020000000000000002");
+        let take = ManagePages::Take {
+            function_id: 0,
+            count: 2,
+        };
+        assert_eq!(
+            hex(&encode_input(&take)),
+            "01080000000000020000000000000002"
+        );
         assert_eq!(take.outlen(), 0x20);
         let mut out = vec![0u8; 0x20];
         out[0x0B] = 1;
@@ -611,15 +650,24 @@ mod tests {
 
     #[test]
     fn hca_cap() {
-        let q = QueryHcaCap { cap: CapType::General, current: true };
+        let q = QueryHcaCap {
+            cap: CapType::General,
+            current: true,
+        };
         assert_eq!(hex(&encode_input(&q)), "01000000000000010000000000000000");
-        let q = QueryHcaCap { cap: CapType::General, current: false };
+        let q = QueryHcaCap {
+            cap: CapType::General,
+            current: false,
+        };
         assert_eq!(hex(&encode_input(&q)), "01000000000000000000000000000000");
         assert_eq!(q.outlen(), 0x1010);
         let mut caps = GeneralCaps::default();
         caps.set(crate::layout::caps::field::LOG_UAR_PAGE_SZ, 0);
         caps.0[0x37] = 0x01; // num_ports = 1 (0x34 bits 7:0)
-        let s = SetHcaCap { cap: CapType::General, caps };
+        let s = SetHcaCap {
+            cap: CapType::General,
+            caps,
+        };
         let v = encode_input(&s);
         assert_eq!(v.len(), 0x1010);
         assert_eq!(hex(&v[..16]), "01090000000000000000000000000000");
@@ -646,7 +694,10 @@ mod tests {
         let v = encode_input(&AccessReg::host_endianness());
         assert_eq!(v.len(), 0x20);
         assert_eq!(hex(&v[..16]), "08050000000000000000700400000000");
-        assert!(v[16..].iter().all(|&b| b == 0), "little-endian host writes byte 0 = 0x00");
+        assert!(
+            v[16..].iter().all(|&b| b == 0),
+            "little-endian host writes byte 0 = 0x00"
+        );
     }
 
     #[test]
@@ -655,14 +706,26 @@ mod tests {
         out[0x09..0x0C].copy_from_slice(&[0x00, 0x00, 0x03]);
         assert_eq!(check_output(&AllocUar, &out).unwrap(), 3);
         assert_eq!(check_output(&AllocPd, &out).unwrap(), 3);
-        assert_eq!(hex(&encode_input(&DeallocUar(3))), "08030000000000000000000300000000");
-        assert_eq!(hex(&encode_input(&DeallocPd(0x12345))), "08010000000000000001234500000000");
-        assert_eq!(hex(&encode_input(&DestroyMkey(0x20))), "02020000000000000000002000000000");
+        assert_eq!(
+            hex(&encode_input(&DeallocUar(3))),
+            "08030000000000000000000300000000"
+        );
+        assert_eq!(
+            hex(&encode_input(&DeallocPd(0x12345))),
+            "08010000000000000001234500000000"
+        );
+        assert_eq!(
+            hex(&encode_input(&DestroyMkey(0x20))),
+            "02020000000000000000002000000000"
+        );
     }
 
     #[test]
     fn special_contexts() {
-        assert_eq!(hex(&encode_input(&QuerySpecialContexts)), "02030000000000000000000000000000");
+        assert_eq!(
+            hex(&encode_input(&QuerySpecialContexts)),
+            "02030000000000000000000000000000"
+        );
         let mut out = [0u8; 0x20];
         out[0x0C..0x10].copy_from_slice(&[0, 0, 0x01, 0x00]);
         out[0x14..0x18].copy_from_slice(&[0, 0, 0x01, 0x00]);
@@ -673,7 +736,10 @@ mod tests {
 
     #[test]
     fn pa_mkey_golden() {
-        let c = CreatePaMkey { pd: 0x000005, key_low: 0x42 };
+        let c = CreatePaMkey {
+            pd: 0x000005,
+            key_low: 0x42,
+        };
         let v = encode_input(&c);
         assert_eq!(v.len(), 0x110);
         assert_eq!(hex(&v[..0x10]), "02000000000000000000000000000000");

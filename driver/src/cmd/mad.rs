@@ -34,10 +34,12 @@ impl Command for MadIfc {
     }
     fn decode(&self, o: &[u8]) -> Result<[u8; MAD_LEN], CmdError> {
         let mut m = [0u8; MAD_LEN];
-        let src = o.get(0x10..0x10 + MAD_LEN).ok_or_else(|| CmdError::BadOutput {
-            opcode: Self::OPCODE,
-            why: "short MAD".into(),
-        })?;
+        let src = o
+            .get(0x10..0x10 + MAD_LEN)
+            .ok_or_else(|| CmdError::BadOutput {
+                opcode: Self::OPCODE,
+                why: "short MAD".into(),
+            })?;
         m.copy_from_slice(src);
         Ok(m)
     }

@@ -111,7 +111,10 @@ impl CmdQueue {
 
     /// Whether `slot` holds a command not yet collected.
     pub fn is_busy(&self, slot: usize) -> bool {
-        matches!(self.slots.get(slot).map(|s| &s.state), Some(SlotState::Busy(_)))
+        matches!(
+            self.slots.get(slot).map(|s| &s.state),
+            Some(SlotState::Busy(_))
+        )
     }
 
     /// The command in `slot`, if any.
@@ -124,7 +127,9 @@ impl CmdQueue {
 
     /// Whether any slot was abandoned to firmware after a timeout.
     pub fn has_stuck(&self) -> bool {
-        self.slots.iter().any(|s| matches!(s.state, SlotState::Stuck(_)))
+        self.slots
+            .iter()
+            .any(|s| matches!(s.state, SlotState::Stuck(_)))
     }
 
     fn ensure_chain(
@@ -155,7 +160,11 @@ impl CmdQueue {
                 let end = (start + BLOCK_DATA).min(data.len());
                 b[..end - start].copy_from_slice(&data[start..end]);
             }
-            let next = if k + 1 < used { chain.block_iova(k + 1).0 } else { 0 };
+            let next = if k + 1 < used {
+                chain.block_iova(k + 1).0
+            } else {
+                0
+            };
             put_be64(&mut b, block::NEXT, next);
             put_be32(&mut b, block::BLOCK_NUM, k as u32);
             b[block::TOKEN] = token;
@@ -197,8 +206,16 @@ impl CmdQueue {
         let mut e = [0u8; ENTRY_LEN];
         entry::TYPE.set(&mut e, CMD_TYPE_PCI);
         entry::INLEN.set(&mut e, input.len() as u32);
-        let in_ptr = if in_blocks > 0 { inbox.block_iova(0).0 } else { 0 };
-        let out_ptr = if out_blocks > 0 { outbox.block_iova(0).0 } else { 0 };
+        let in_ptr = if in_blocks > 0 {
+            inbox.block_iova(0).0
+        } else {
+            0
+        };
+        let out_ptr = if out_blocks > 0 {
+            outbox.block_iova(0).0
+        } else {
+            0
+        };
         put_be64(&mut e, entry::IN_PTR, in_ptr);
         let n = input.len().min(INLINE_LEN);
         e[entry::IN..entry::IN + n].copy_from_slice(&input[..n]);
@@ -230,7 +247,10 @@ impl CmdQueue {
     pub fn collect(&mut self, slot: usize) -> Result<Vec<u8>, CmdError> {
         dma_rmb();
         let stride = self.stride;
-        let s = self.slots.get_mut(slot).ok_or(CmdError::NoSlot(Opcode(0)))?;
+        let s = self
+            .slots
+            .get_mut(slot)
+            .ok_or(CmdError::NoSlot(Opcode(0)))?;
         let SlotState::Busy(p) = std::mem::take(&mut s.state) else {
             return Err(CmdError::NoSlot(Opcode(0)));
         };
@@ -321,13 +341,17 @@ mod tests {
     fn enable_hca_entry_matches_reference_example() {
         let (t, mut space, mut q) = setup();
         let input = encode_input(&EnableHca);
-        q.post(&t, &mut space, 0, Opcode::ENABLE_HCA, 0, &input, 0x0C).unwrap();
+        q.post(&t, &mut space, 0, Opcode::ENABLE_HCA, 0, &input, 0x0C)
+            .unwrap();
         let e = t.read_iova(q.iova(), 64).unwrap();
         // §2.2 example, with Linux's token and entry signature on top.
         assert_eq!(e[0x00], 0x07);
         assert_eq!(&e[0x04..0x08], &[0, 0, 0, 0x10]);
         assert_eq!(&e[0x08..0x10], &[0; 8], "no input mailbox needed");
-        assert_eq!(&e[0x10..0x20], &[0x01, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &e[0x10..0x20],
+            &[0x01, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(&e[0x20..0x30], &[0; 16]);
         assert_eq!(&e[0x30..0x38], &[0; 8], "no output mailbox needed");
         assert_eq!(&e[0x38..0x3C], &[0, 0, 0, 0x0C]);
@@ -340,9 +364,13 @@ mod tests {
     #[test]
     fn big_output_gets_a_linked_signed_chain() {
         let (t, mut space, mut q) = setup();
-        let c = QueryHcaCap { cap: CapType::General, current: true };
+        let c = QueryHcaCap {
+            cap: CapType::General,
+            current: true,
+        };
         let input = encode_input(&c);
-        q.post(&t, &mut space, 2, Opcode::QUERY_HCA_CAP, 1, &input, 0x1010).unwrap();
+        q.post(&t, &mut space, 2, Opcode::QUERY_HCA_CAP, 1, &input, 0x1010)
+            .unwrap();
         let e = t.read_iova(q.iova().add(2 * 64), 64).unwrap();
         let out_ptr = u64::from_be_bytes(e[0x30..0x38].try_into().unwrap());
         assert_ne!(out_ptr, 0);
@@ -368,8 +396,12 @@ mod tests {
         let (t, mut space, mut q) = setup();
         assert_eq!(q.page_slot(), 31);
         let input = encode_input(&EnableHca);
-        q.post(&t, &mut space, 0, Opcode::ENABLE_HCA, 0, &input, 12).unwrap();
-        assert!(q.post(&t, &mut space, 0, Opcode::ENABLE_HCA, 0, &input, 12).is_err());
+        q.post(&t, &mut space, 0, Opcode::ENABLE_HCA, 0, &input, 12)
+            .unwrap();
+        assert!(
+            q.post(&t, &mut space, 0, Opcode::ENABLE_HCA, 0, &input, 12)
+                .is_err()
+        );
         assert_eq!(q.free_slot(), Some(1));
         q.abandon(0);
         assert!(q.has_stuck());

@@ -94,7 +94,11 @@ impl fmt::Display for HealthBuffer {
             syndrome_name(self.synd),
             self.ext_synd,
             u8::from(self.rfr),
-            if self.valid { self.severity.to_string() } else { "n/a".into() },
+            if self.valid {
+                self.severity.to_string()
+            } else {
+                "n/a".into()
+            },
             self.irisc_index,
             self.assert_exit_ptr,
             self.assert_callra

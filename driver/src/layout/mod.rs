@@ -88,7 +88,8 @@ pub fn put_be64(buf: &mut [u8], off: usize, v: u64) {
 
 /// Big-endian u16 at `off` (0 past the end).
 pub fn be16(buf: &[u8], off: usize) -> u16 {
-    buf.get(off..off + 2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
+    buf.get(off..off + 2)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
 }
 
 /// Stores a big-endian u16 at `off`.

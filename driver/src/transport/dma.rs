@@ -76,7 +76,10 @@ impl DmaMem {
         if end > self.len {
             return None;
         }
-        self.backing.volatile().subslice(self.offset + off, len).ok()
+        self.backing
+            .volatile()
+            .subslice(self.offset + off, len)
+            .ok()
     }
 
     /// Copies `buf.len()` bytes at `off` into `buf`; false if out of bounds.
@@ -137,7 +140,11 @@ impl DmaBuffer {
 
     /// Unmaps the buffer and returns its IOVA range. Call only once the
     /// device can no longer touch it.
-    pub fn release(mut self, t: &dyn Transport, space: &mut IovaSpace) -> Result<(), TransportError> {
+    pub fn release(
+        mut self,
+        t: &dyn Transport,
+        space: &mut IovaSpace,
+    ) -> Result<(), TransportError> {
         self.released = true;
         let len = self.mem.len() as u64;
         t.unmap_dma(self.iova, len)?;
@@ -169,14 +176,24 @@ impl DmaBuffer {
     pub fn read(&self, off: usize, buf: &mut [u8]) {
         if !self.mem.read(off, buf) {
             buf.fill(0);
-            tracing::error!(off, len = buf.len(), size = self.len(), "DMA read out of bounds");
+            tracing::error!(
+                off,
+                len = buf.len(),
+                size = self.len(),
+                "DMA read out of bounds"
+            );
         }
     }
 
     /// Copies bytes into the buffer.
     pub fn write(&self, off: usize, buf: &[u8]) {
         if !self.mem.write(off, buf) {
-            tracing::error!(off, len = buf.len(), size = self.len(), "DMA write out of bounds");
+            tracing::error!(
+                off,
+                len = buf.len(),
+                size = self.len(),
+                "DMA write out of bounds"
+            );
         }
     }
 

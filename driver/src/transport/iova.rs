@@ -90,8 +90,14 @@ mod tests {
     #[test]
     fn skips_page_zero_and_respects_holes() {
         let mut s = IovaSpace::new(&[
-            IovaRange { start: 0, end: 0x3000 },
-            IovaRange { start: 0x10_0000, end: 0x20_0000 },
+            IovaRange {
+                start: 0,
+                end: 0x3000,
+            },
+            IovaRange {
+                start: 0x10_0000,
+                end: 0x20_0000,
+            },
         ]);
         let a = s.alloc(0x1000).unwrap();
         assert_eq!(a, Iova(0x1000));
@@ -104,7 +110,10 @@ mod tests {
 
     #[test]
     fn frees_coalesce() {
-        let mut s = IovaSpace::new(&[IovaRange { start: 0, end: 1 << 30 }]);
+        let mut s = IovaSpace::new(&[IovaRange {
+            start: 0,
+            end: 1 << 30,
+        }]);
         let v: Vec<_> = (0..64).map(|_| s.alloc(4096).unwrap()).collect();
         for a in v.iter().rev() {
             s.free(*a, 4096);

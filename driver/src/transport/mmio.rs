@@ -33,7 +33,11 @@ unsafe impl Sync for Mmio {}
 impl Mmio {
     /// Maps `(bar_offset, len)` areas of the region that starts at
     /// `region_offset` in the file `fd`.
-    pub fn map(fd: RawFd, region_offset: u64, areas: &[(u64, u64)]) -> Result<Mmio, TransportError> {
+    pub fn map(
+        fd: RawFd,
+        region_offset: u64,
+        areas: &[(u64, u64)],
+    ) -> Result<Mmio, TransportError> {
         let mut mapped = Mmio { areas: Vec::new() };
         for &(bar_off, len) in areas {
             let len = usize::try_from(len).map_err(|_| TransportError::BadMapping {
@@ -41,7 +45,8 @@ impl Mmio {
                 len,
                 why: "BAR area larger than the address space",
             })?;
-            let file_off = libc::off_t::try_from(region_offset + bar_off).unwrap_or(libc::off_t::MAX);
+            let file_off =
+                libc::off_t::try_from(region_offset + bar_off).unwrap_or(libc::off_t::MAX);
             // SAFETY: a fresh shared mapping of the device fd; the kernel
             // validates offset and length against the region and we check the
             // result before use. The mapping is owned by `mapped` and unmapped in Drop.

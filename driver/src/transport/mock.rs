@@ -90,7 +90,10 @@ impl Transport for MockTransport {
         self.state().writes.push(BarWrite::W64(offset, value));
     }
     fn iova_ranges(&self) -> Vec<IovaRange> {
-        vec![IovaRange { start: 0, end: 1 << 40 }]
+        vec![IovaRange {
+            start: 0,
+            end: 1 << 40,
+        }]
     }
     fn map_dma(&self, iova: Iova, mem: DmaMem) -> Result<(), TransportError> {
         self.state().maps.insert(iova.0, mem);

@@ -176,12 +176,13 @@ impl VfioTransport {
     pub fn open(bdf: &str) -> Result<VfioTransport, TransportError> {
         let paths = SysPaths::default();
         preflight(&paths, bdf)?;
-        let container = Arc::new(
-            VfioContainer::new(None).map_err(|source| TransportError::Vfio {
-                op: "opening the container",
-                source,
-            })?,
-        );
+        let container =
+            Arc::new(
+                VfioContainer::new(None).map_err(|source| TransportError::Vfio {
+                    op: "opening the container",
+                    source,
+                })?,
+            );
         let ops: Arc<dyn VfioOps> = container.clone();
         let sysfs = paths.sys.join("bus/pci/devices").join(bdf);
         let device = VfioDevice::new(&sysfs, ops, false).map_err(|source| match source {
@@ -233,9 +234,13 @@ fn map_bar0(device: &VfioDevice) -> Result<Mmio, TransportError> {
     }
     let size = device.get_region_size(idx);
     let caps = device.get_region_caps(idx);
-    let msix_mappable = caps.iter().any(|c| matches!(c, VfioRegionInfoCap::MsixMappable));
+    let msix_mappable = caps
+        .iter()
+        .any(|c| matches!(c, VfioRegionInfoCap::MsixMappable));
     let sparse = caps.iter().find_map(|c| match c {
-        VfioRegionInfoCap::SparseMmap(s) => Some(s.areas.iter().map(|a| (a.offset, a.size)).collect()),
+        VfioRegionInfoCap::SparseMmap(s) => {
+            Some(s.areas.iter().map(|a| (a.offset, a.size)).collect())
+        }
         _ => None,
     });
     let areas: Vec<(u64, u64)> = match sparse {
@@ -272,12 +277,21 @@ fn query_iova_ranges(container_fd: i32) -> Result<Vec<IovaRange>, TransportError
     call(&mut buf)?;
     let bytes_of = |buf: &[u64]| -> Vec<u8> { buf.iter().flat_map(|w| w.to_ne_bytes()).collect() };
     let mut raw = bytes_of(&buf);
-    let u32_at = |b: &[u8], o: usize| b.get(o..o + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]));
+    let u32_at = |b: &[u8], o: usize| {
+        b.get(o..o + 4)
+            .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    };
     let argsz = u32_at(&raw, 0).unwrap_or(0) as usize;
     let flags = u32_at(&raw, 4).unwrap_or(0);
     let default = vec![
-        IovaRange { start: 0, end: 0xFEE0_0000 },
-        IovaRange { start: 0xFEF0_0000, end: 1 << 48 },
+        IovaRange {
+            start: 0,
+            end: 0xFEE0_0000,
+        },
+        IovaRange {
+            start: 0xFEF0_0000,
+            end: 1 << 48,
+        },
     ];
     if flags & VFIO_IOMMU_INFO_CAPS == 0 || argsz <= INFO_LEN {
         return Ok(default);
@@ -304,7 +318,10 @@ fn query_iova_ranges(container_fd: i32) -> Result<Vec<IovaRange>, TransportError
                 let base = off + 16 + i * 16;
                 if let (Some(s), Some(e)) = (u64_at(&raw, base), u64_at(&raw, base + 8)) {
                     // The kernel's end is inclusive.
-                    ranges.push(IovaRange { start: s, end: e.saturating_add(1) });
+                    ranges.push(IovaRange {
+                        start: s,
+                        end: e.saturating_add(1),
+                    });
                 }
             }
         }
@@ -374,12 +391,14 @@ impl Transport for VfioTransport {
         // SAFETY: `mem` is a live host mapping of `mem.len()` bytes and we
         // keep a clone of it in `mappings` until the IOVA range is unmapped,
         // so the device never reaches freed memory.
-        unsafe { self.container.vfio_dma_map(iova.0, mem.len(), mem.host_ptr()) }.map_err(
-            |source| TransportError::Vfio {
-                op: "DMA map",
-                source,
-            },
-        )?;
+        unsafe {
+            self.container
+                .vfio_dma_map(iova.0, mem.len(), mem.host_ptr())
+        }
+        .map_err(|source| TransportError::Vfio {
+            op: "DMA map",
+            source,
+        })?;
         maps.insert(iova.0, mem);
         Ok(())
     }
@@ -420,10 +439,12 @@ impl Transport for VfioTransport {
     }
 
     fn disable_msix(&self) -> Result<(), TransportError> {
-        self.device.disable_msix().map_err(|source| TransportError::Vfio {
-            op: "MSI-X disable",
-            source,
-        })
+        self.device
+            .disable_msix()
+            .map_err(|source| TransportError::Vfio {
+                op: "MSI-X disable",
+                source,
+            })
     }
 
     fn reset(&self) -> Result<(), TransportError> {
@@ -467,7 +488,8 @@ mod tests {
 
     impl Tree {
         fn new(tag: &str) -> Tree {
-            let root = std::env::temp_dir().join(format!("ipoib-vfio-sysfs-{tag}-{}", std::process::id()));
+            let root =
+                std::env::temp_dir().join(format!("ipoib-vfio-sysfs-{tag}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&root);
             fs::create_dir_all(root.join("sys/bus/pci/devices")).unwrap();
             fs::create_dir_all(root.join("sys/bus/pci/drivers")).unwrap();
@@ -489,7 +511,10 @@ mod tests {
                 symlink(&p, d.join("driver")).unwrap();
             }
             if let Some(g) = group {
-                let gd = self.root.join("sys/kernel/iommu_groups").join(g.to_string());
+                let gd = self
+                    .root
+                    .join("sys/kernel/iommu_groups")
+                    .join(g.to_string());
                 fs::create_dir_all(gd.join("devices")).unwrap();
                 let _ = symlink(&gd, d.join("iommu_group"));
                 let _ = symlink(&d, gd.join("devices").join(bdf));
@@ -507,7 +532,10 @@ mod tests {
     #[test]
     fn missing_device() {
         let t = Tree::new("missing");
-        assert!(matches!(preflight(&t.paths(), "0000:01:00.0"), Err(TransportError::NoDevice(_))));
+        assert!(matches!(
+            preflight(&t.paths(), "0000:01:00.0"),
+            Err(TransportError::NoDevice(_))
+        ));
     }
 
     #[test]
@@ -523,7 +551,10 @@ mod tests {
     fn no_iommu_group() {
         let t = Tree::new("noiommu");
         t.device("0000:01:00.0", Some("vfio-pci"), None);
-        assert!(matches!(preflight(&t.paths(), "0000:01:00.0"), Err(TransportError::NoIommu(_))));
+        assert!(matches!(
+            preflight(&t.paths(), "0000:01:00.0"),
+            Err(TransportError::NoIommu(_))
+        ));
     }
 
     #[test]
