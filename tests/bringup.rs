@@ -106,16 +106,7 @@ fn expect_failure(
     (err, report)
 }
 
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use mlx5_driver::error_chain as one_line;
 
 #[test]
 fn command_error_names_step_command_status_and_syndrome() {

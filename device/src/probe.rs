@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mlx5_driver::hca::{BringupError, HcaInfo, TeardownReport};
 use mlx5_driver::transport::Transport;
-use mlx5_driver::{Completion, Hca, HcaConfig};
+use mlx5_driver::{Completion, Hca, HcaConfig, error_chain as chain};
 
 /// Which device to probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,17 +106,6 @@ pub fn run(spec: &DeviceSpec, opts: &ProbeOptions) -> ExitCode {
             probe_with(sim, opts)
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn fail_line(opts: &ProbeOptions, line: &str, err: Option<&BringupError>) -> ExitCode {

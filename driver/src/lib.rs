@@ -21,3 +21,15 @@ pub mod regs;
 pub mod transport;
 
 pub use hca::{Completion, Hca, HcaConfig, HcaInfo};
+
+/// Formats an error and its chain of causes on one line, joined by `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

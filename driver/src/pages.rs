@@ -12,6 +12,9 @@ use crate::transport::{DmaBuffer, Iova, IovaSpace, Transport, TransportError};
 /// Firmware page size.
 pub const FW_PAGE: u64 = 4096;
 const CHUNK: usize = 2 << 20;
+/// Most pages the driver lends firmware in all (16 GiB). Firmware is not
+/// trusted to size host memory; real devices ask for well under 1 GiB.
+pub const MAX_FW_PAGES: usize = 1 << 22;
 
 /// The page pool.
 #[derive(Debug, Default)]
@@ -44,6 +47,13 @@ impl PagePool {
         space: &mut IovaSpace,
         n: usize,
     ) -> Result<Vec<Iova>, TransportError> {
+        if self.given.len() + n > MAX_FW_PAGES {
+            return Err(TransportError::BadMapping {
+                iova: Iova(0),
+                len: n as u64 * FW_PAGE,
+                why: "firmware asks for more pages than the driver lends (16 GiB)",
+            });
+        }
         while self.free.len() < n {
             let chunk = DmaBuffer::alloc(t, space, CHUNK)?;
             let base = chunk.iova();
@@ -112,6 +122,15 @@ impl PagePool {
 mod tests {
     use super::*;
     use crate::transport::mock::MockTransport;
+
+    #[test]
+    fn absurd_requests_are_refused() {
+        let t = MockTransport::new();
+        let mut space = IovaSpace::new(&t.iova_ranges());
+        let mut pool = PagePool::new();
+        assert!(pool.take(&t, &mut space, MAX_FW_PAGES + 1).is_err());
+        assert_eq!(t.mappings(), 0);
+    }
 
     #[test]
     fn give_take_release() {

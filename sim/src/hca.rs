@@ -446,6 +446,8 @@ mod delivery {
     pub const OUT_ALIGN: u8 = 0x04;
     pub const IN_ALIGN: u8 = 0x05;
     pub const FW_INTERNAL: u8 = 0x06;
+    pub const IN_LEN: u8 = 0x07;
+    pub const OUT_LEN: u8 = 0x08;
     pub const BAD_TYPE: u8 = 0x10;
 }
 
@@ -657,6 +659,13 @@ impl Device {
         let token = e[0x3C];
         let inlen = dword(e, 0x04) as usize;
         let outlen = dword(e, 0x38) as usize;
+        // Lengths come from the driver: refuse absurd ones before allocating.
+        if inlen.saturating_sub(16).div_ceil(512) > MAX_BLOCKS {
+            return delivery::IN_LEN;
+        }
+        if outlen.saturating_sub(16).div_ceil(512) > MAX_BLOCKS {
+            return delivery::OUT_LEN;
+        }
         let mut input = vec![0u8; inlen.max(16)];
         input[..16].copy_from_slice(&e[0x10..0x20]);
         let in_chain = match self.walk_chain(

@@ -99,15 +99,21 @@ impl Iommu {
         (iova < base + m.len() as u64).then_some((base, m))
     }
 
-    /// Device read of `buf.len()` bytes at `iova` (may span mappings).
-    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+    /// Splits `[iova, iova + len)` into per-mapping pieces and calls `f`
+    /// with (mapping, offset in it, offset in the access, length).
+    fn walk(
+        &self,
+        iova: u64,
+        len: usize,
+        mut f: impl FnMut(&DmaMem, usize, usize, usize) -> bool,
+    ) -> Result<(), DmaFault> {
         let mut done = 0;
-        while done < buf.len() {
+        while done < len {
             let at = iova + done as u64;
             let (base, m) = self.find(at).ok_or(DmaFault { iova: at })?;
             let off = (at - base) as usize;
-            let n = (m.len() - off).min(buf.len() - done);
-            if !m.read(off, &mut buf[done..done + n]) {
+            let n = (m.len() - off).min(len - done);
+            if !f(m, off, done, n) {
                 return Err(DmaFault { iova: at });
             }
             done += n;
@@ -115,19 +121,16 @@ impl Iommu {
         Ok(())
     }
 
+    /// Device read of `buf.len()` bytes at `iova` (may span mappings).
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        let len = buf.len();
+        self.walk(iova, len, |m, off, at, n| m.read(off, &mut buf[at..at + n]))
+    }
+
     /// Device write of `buf` at `iova` (may span mappings).
     pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaFault> {
-        let mut done = 0;
-        while done < buf.len() {
-            let at = iova + done as u64;
-            let (base, m) = self.find(at).ok_or(DmaFault { iova: at })?;
-            let off = (at - base) as usize;
-            let n = (m.len() - off).min(buf.len() - done);
-            if !m.write(off, &buf[done..done + n]) {
-                return Err(DmaFault { iova: at });
-            }
-            done += n;
-        }
-        Ok(())
+        self.walk(iova, buf.len(), |m, off, at, n| {
+            m.write(off, &buf[at..at + n])
+        })
     }
 }

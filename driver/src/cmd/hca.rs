@@ -381,45 +381,9 @@ impl Command for AccessReg {
     }
 }
 
-/// ALLOC_UAR (§4.7). Reply: UAR index.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AllocUar;
-impl Command for AllocUar {
-    const OPCODE: Opcode = Opcode::ALLOC_UAR;
-    type Reply = u32;
-    fn inlen(&self) -> usize {
-        0x10
-    }
-    fn outlen(&self) -> usize {
-        0x10
-    }
-    fn encode(&self, _i: &mut [u8]) {}
-    fn decode(&self, o: &[u8]) -> Result<u32, CmdError> {
-        Ok(OBJ24.get(o))
-    }
-}
-
 /// DEALLOC_UAR (§4.7).
 #[derive(Clone, Copy, Debug)]
 pub struct DeallocUar(pub u32);
-
-/// ALLOC_PD (§4.7). Reply: PD number.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AllocPd;
-impl Command for AllocPd {
-    const OPCODE: Opcode = Opcode::ALLOC_PD;
-    type Reply = u32;
-    fn inlen(&self) -> usize {
-        0x10
-    }
-    fn outlen(&self) -> usize {
-        0x10
-    }
-    fn encode(&self, _i: &mut [u8]) {}
-    fn decode(&self, o: &[u8]) -> Result<u32, CmdError> {
-        Ok(OBJ24.get(o))
-    }
-}
 
 /// DEALLOC_PD (§4.7).
 #[derive(Clone, Copy, Debug)]
@@ -429,6 +393,37 @@ pub struct DeallocPd(pub u32);
 #[derive(Clone, Copy, Debug)]
 pub struct DestroyMkey(pub u32);
 
+/// ALLOC_UAR (§4.7). Reply: UAR index.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocUar;
+
+/// ALLOC_PD (§4.7). Reply: PD number.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocPd;
+
+/// Allocation commands: no input body, a 24-bit object number at 0x08 out.
+macro_rules! alloc24_command {
+    ($name:ident, $op:expr) => {
+        impl Command for $name {
+            const OPCODE: Opcode = $op;
+            type Reply = u32;
+            fn inlen(&self) -> usize {
+                0x10
+            }
+            fn outlen(&self) -> usize {
+                0x10
+            }
+            fn encode(&self, _i: &mut [u8]) {}
+            fn decode(&self, o: &[u8]) -> Result<u32, CmdError> {
+                Ok(OBJ24.get(o))
+            }
+        }
+    };
+}
+alloc24_command!(AllocUar, Opcode::ALLOC_UAR);
+alloc24_command!(AllocPd, Opcode::ALLOC_PD);
+
+/// Release commands: a 24-bit object number at 0x08 in, nothing out.
 macro_rules! obj24_command {
     ($name:ident, $op:expr) => {
         impl Command for $name {

@@ -13,6 +13,21 @@ pub struct IovaRange {
     pub end: u64,
 }
 
+/// The usable IOVA ranges of a typical x86 IOMMU: everything below 2^48
+/// except the interrupt (MSI) window at 0xFEE00000–0xFEEFFFFF.
+pub fn x86_default_ranges() -> Vec<IovaRange> {
+    vec![
+        IovaRange {
+            start: 0,
+            end: 0xFEE0_0000,
+        },
+        IovaRange {
+            start: 0xFEF0_0000,
+            end: 1 << 48,
+        },
+    ]
+}
+
 /// First-fit allocator of page-aligned IOVA ranges with coalescing frees.
 #[derive(Debug, Clone)]
 pub struct IovaSpace {

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use dma::{DmaBacking, DmaBuffer, DmaMem};
-pub use iova::{IovaRange, IovaSpace};
+pub use iova::{IovaRange, IovaSpace, x86_default_ranges};
 pub use mmio::Mmio;
 use vmm_sys_util::eventfd::EventFd;
 
