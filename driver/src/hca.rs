@@ -765,31 +765,32 @@ impl<T: Transport> Hca<T> {
         let slot = self
             .cmdq_ref()?
             .free_slot()
-            .ok_or(CmdError::NoSlot(C::OPCODE))?;
+            .ok_or(CmdError::NoSlot(cmd.opcode()))?;
         self.exec_on(slot, cmd)
     }
 
     fn exec_on<C: Command>(&mut self, slot: usize, cmd: &C) -> Result<C::Reply, CmdError> {
+        let opcode = cmd.opcode();
         if let Some(cause) = &self.fatal {
             return Err(CmdError::DeviceFatal {
-                opcode: C::OPCODE,
+                opcode,
                 cause: cause.clone(),
             });
         }
         let input = encode_input(cmd);
-        let q = self.cmdq.as_mut().ok_or(CmdError::NoSlot(C::OPCODE))?;
+        let q = self.cmdq.as_mut().ok_or(CmdError::NoSlot(opcode))?;
         q.post(
             &self.t,
             &mut self.space,
             slot,
-            C::OPCODE,
+            opcode,
             cmd.op_mod(),
             &input,
             cmd.outlen(),
         )?;
         self.stats.commands += 1;
-        self.wait_slot(slot, C::OPCODE, cmd.op_mod())?;
-        let q = self.cmdq.as_mut().ok_or(CmdError::NoSlot(C::OPCODE))?;
+        self.wait_slot(slot, opcode, cmd.op_mod())?;
+        let q = self.cmdq.as_mut().ok_or(CmdError::NoSlot(opcode))?;
         let out = q.collect(slot)?;
         check_output(cmd, &out)
     }

@@ -6,9 +6,12 @@
 //! [`encode_input`] and [`check_output`]; mailbox chains, tokens,
 //! signatures and doorbells live in [`queue::CmdQueue`].
 
+pub mod cq;
 pub mod eq;
 pub mod hca;
 pub mod mad;
+pub mod mcg;
+pub mod qp;
 pub mod queue;
 
 use std::fmt;
@@ -35,6 +38,19 @@ impl Opcode {
     pub const CREATE_MKEY: Opcode = Opcode(0x200);
     pub const DESTROY_MKEY: Opcode = Opcode(0x202);
     pub const QUERY_SPECIAL_CONTEXTS: Opcode = Opcode(0x203);
+    pub const CREATE_CQ: Opcode = Opcode(0x400);
+    pub const DESTROY_CQ: Opcode = Opcode(0x401);
+    pub const MODIFY_CQ: Opcode = Opcode(0x403);
+    pub const CREATE_QP: Opcode = Opcode(0x500);
+    pub const DESTROY_QP: Opcode = Opcode(0x501);
+    pub const RST2INIT_QP: Opcode = Opcode(0x502);
+    pub const INIT2RTR_QP: Opcode = Opcode(0x503);
+    pub const RTR2RTS_QP: Opcode = Opcode(0x504);
+    pub const RTS2RTS_QP: Opcode = Opcode(0x505);
+    pub const TO_ERR_QP: Opcode = Opcode(0x507);
+    pub const TO_RST_QP: Opcode = Opcode(0x50A);
+    pub const ATTACH_TO_MCG: Opcode = Opcode(0x806);
+    pub const DETACH_FROM_MCG: Opcode = Opcode(0x807);
     pub const CREATE_EQ: Opcode = Opcode(0x301);
     pub const DESTROY_EQ: Opcode = Opcode(0x302);
     pub const MAD_IFC: Opcode = Opcode(0x50D);
@@ -76,6 +92,7 @@ impl Opcode {
             0x502 => "RST2INIT_QP",
             0x503 => "INIT2RTR_QP",
             0x504 => "RTR2RTS_QP",
+            0x505 => "RTS2RTS_QP",
             0x507 => "2ERR_QP",
             0x50A => "2RST_QP",
             0x50B => "QUERY_QP",
@@ -356,6 +373,11 @@ pub trait Command {
     const OPCODE: Opcode;
     /// What a successful output decodes to.
     type Reply;
+    /// The opcode of this value: [`Command::OPCODE`] unless one type covers
+    /// several opcodes (QP transitions).
+    fn opcode(&self) -> Opcode {
+        Self::OPCODE
+    }
     /// Opcode modifier.
     fn op_mod(&self) -> u16 {
         0
@@ -374,7 +396,7 @@ pub trait Command {
 /// The complete input of `cmd`: header plus body.
 pub fn encode_input<C: Command>(cmd: &C) -> Vec<u8> {
     let mut v = vec![0u8; cmd.inlen().max(16)];
-    IN_OPCODE.set(&mut v, u32::from(C::OPCODE.0));
+    IN_OPCODE.set(&mut v, u32::from(cmd.opcode().0));
     IN_OP_MOD.set(&mut v, u32::from(cmd.op_mod()));
     cmd.encode(&mut v);
     v
@@ -385,7 +407,7 @@ pub fn check_output<C: Command>(cmd: &C, out: &[u8]) -> Result<C::Reply, CmdErro
     let status = CmdStatus::from_u8(OUT_STATUS.get(out) as u8);
     if status != CmdStatus::Ok {
         return Err(CmdError::Failed {
-            opcode: C::OPCODE,
+            opcode: cmd.opcode(),
             op_mod: cmd.op_mod(),
             status,
             syndrome: OUT_SYNDROME.get(out),
