@@ -1074,6 +1074,47 @@ impl<T: Transport> Hca<T> {
         &self.t
     }
 
+    /// Allocates DMA memory in the HCA's IOVA space.
+    pub fn alloc_dma(&mut self, len: usize) -> Result<DmaBuffer, TransportError> {
+        DmaBuffer::alloc(&self.t, &mut self.space, len)
+    }
+
+    /// Releases DMA memory from [`Hca::alloc_dma`]; only once the device no
+    /// longer refers to it.
+    pub fn free_dma(&mut self, buf: DmaBuffer) -> Result<(), TransportError> {
+        buf.release(&self.t, &mut self.space)
+    }
+
+    /// The UAR of the driver's doorbells.
+    pub fn uar(&self) -> u32 {
+        self.info.uar
+    }
+
+    /// The protection domain.
+    pub fn pd(&self) -> u32 {
+        self.info.pd
+    }
+
+    /// The physical-address memory key.
+    pub fn lkey(&self) -> u32 {
+        self.info.lkey
+    }
+
+    /// The EQ that takes completion events.
+    pub fn eqn(&self) -> u8 {
+        self.eq.as_ref().map_or(0, |e| e.eqn)
+    }
+
+    /// The scatter-list terminator key (§7.6).
+    pub fn terminator_lkey(&self) -> u32 {
+        match self.special {
+            Some(s) if self.caps.get(field::TERMINATE_SCATTER_LIST_MKEY) == 1 => {
+                s.terminate_scatter_list_mkey
+            }
+            _ => crate::layout::wqe::INVALID_LKEY,
+        }
+    }
+
     /// Switches the completion mode.
     pub fn set_completion(&mut self, c: Completion) {
         self.cfg.completion = c;

@@ -19,6 +19,7 @@ pub mod pages;
 pub mod queues;
 pub mod regs;
 pub mod transport;
+pub mod verbs;
 
 pub use hca::{Completion, Hca, HcaConfig, HcaInfo};
 

@@ -19,6 +19,7 @@ mod eq;
 pub mod fault;
 pub mod fw;
 mod hca;
+pub mod wire;
 pub mod iommu;
 pub mod port;
 

@@ -19,6 +19,7 @@ pub mod field {
     pub const LOG_MAX_CQ: BitField = BitField::dw(0x018, 4, 0);
     pub const LOG_MAX_EQ_SZ: BitField = BitField::dw(0x01C, 31, 24);
     pub const LOG_MAX_MKEY: BitField = BitField::dw(0x01C, 21, 16);
+    pub const TERMINATE_SCATTER_LIST_MKEY: BitField = BitField::bit(0x01C, 9);
     pub const FAST_TEARDOWN: BitField = BitField::bit(0x01C, 4);
     pub const LOG_MAX_EQ: BitField = BitField::dw(0x01C, 3, 0);
     pub const FORCE_TEARDOWN: BitField = BitField::bit(0x020, 15);

@@ -10,9 +10,11 @@
 
 pub mod caps;
 pub mod cmd;
+pub mod cqe;
 pub mod eqe;
 pub mod health;
 pub mod smp;
+pub mod wqe;
 
 /// A field of a big-endian dword: byte offset of the dword, bits `hi..=lo`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,164 @@
+//! Work queue entry segments (reference §7.3–7.6, §7.10).
+
+use super::{put_be16, put_be32, put_be64};
+
+/// Send WQE basic block.
+pub const WQEBB: usize = 64;
+/// One data segment.
+pub const DS: usize = 16;
+
+/// Send opcodes (§7.12).
+#[allow(missing_docs)]
+pub mod op {
+    pub const NOP: u8 = 0x00;
+    pub const SEND: u8 = 0x0A;
+    pub const SEND_IMM: u8 = 0x0B;
+    pub const LSO: u8 = 0x0E;
+}
+
+/// `fm_ce_se`: always generate a CQE.
+pub const CQ_UPDATE: u8 = 0x08;
+/// `fm_ce_se`: solicited event.
+pub const SOLICITED: u8 = 0x02;
+/// Data segment byte_count marking inline data.
+pub const INLINE_FLAG: u32 = 0x8000_0000;
+/// Receive scatter-list terminator key when the device gives none.
+pub const INVALID_LKEY: u32 = 0x100;
+
+/// Writes a control segment at `w[0..16]`.
+pub fn ctrl(w: &mut [u8], opcode: u8, wqe_index: u16, qpn: u32, ds: u8, fm_ce_se: u8, imm: u32) {
+    put_be32(w, 0x00, (u32::from(wqe_index) << 8) | u32::from(opcode));
+    put_be32(w, 0x04, (qpn << 8) | u32::from(ds & 0x3F));
+    put_be32(w, 0x08, u32::from(fm_ce_se));
+    put_be32(w, 0x0C, imm);
+}
+
+/// A UD destination (what a datagram segment carries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AddressVector {
+    /// Destination QPN.
+    pub dqpn: u32,
+    /// Destination Q_Key (bit 31 set: use the QP's own).
+    pub qkey: u32,
+    /// Destination LID.
+    pub dlid: u16,
+    /// Service level.
+    pub sl: u8,
+    /// Static rate (0 = port rate).
+    pub stat_rate: u8,
+    /// Source path bits.
+    pub mlid: u8,
+    /// GRH: destination GID, SGID index, hop limit, traffic class, flow label.
+    pub grh: Option<Grh>,
+}
+
+/// GRH fields of an address vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Grh {
+    /// Destination GID.
+    pub dgid: [u8; 16],
+    /// Source GID index.
+    pub sgid_index: u8,
+    /// Hop limit.
+    pub hop_limit: u8,
+    /// Traffic class.
+    pub tclass: u8,
+    /// Flow label (20 bits).
+    pub flow_label: u32,
+}
+
+/// Writes a 48-byte datagram segment at `w[0..48]` (§7.4).
+pub fn datagram(w: &mut [u8], av: &AddressVector) {
+    w[..48].fill(0);
+    put_be32(w, 0x00, av.qkey);
+    put_be32(w, 0x08, 0x8000_0000 | (av.dqpn & 0xFF_FFFF));
+    w[0x0C] = (av.stat_rate << 4) | (av.sl & 0x0F);
+    w[0x0D] = av.mlid & 0x7F;
+    put_be16(w, 0x0E, av.dlid);
+    if let Some(g) = &av.grh {
+        w[0x1A] = g.tclass;
+        w[0x1B] = g.hop_limit;
+        put_be32(
+            w,
+            0x1C,
+            (1 << 30) | (u32::from(g.sgid_index) << 20) | (g.flow_label & 0xF_FFFF),
+        );
+        w[0x20..0x30].copy_from_slice(&g.dgid);
+    }
+}
+
+/// Writes a 16-byte data (pointer) segment.
+pub fn data(w: &mut [u8], byte_count: u32, lkey: u32, addr: u64) {
+    put_be32(w, 0x00, byte_count & 0x7FFF_FFFF);
+    put_be32(w, 0x04, lkey);
+    put_be64(w, 0x08, addr);
+}
+
+/// Scatter entry for receive WQEs and gather entry for sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sge {
+    /// IOVA.
+    pub addr: u64,
+    /// Length.
+    pub len: u32,
+    /// Memory key.
+    pub lkey: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_worked_example() {
+        // §7.10: UD SEND, QPN 0x123, pc 5, dest QPN 0x456, Q_Key 0xB, DLID 0x12,
+        // lkey 0x00ABCD00, IOVA 0x10_0000_0000, 1500 bytes.
+        let mut w = [0u8; 128];
+        ctrl(&mut w, op::SEND, 5, 0x123, 5, CQ_UPDATE, 0);
+        datagram(
+            &mut w[16..],
+            &AddressVector {
+                dqpn: 0x456,
+                qkey: 0xB,
+                dlid: 0x12,
+                ..AddressVector::default()
+            },
+        );
+        data(&mut w[64..], 1500, 0x00AB_CD00, 0x10_0000_0000);
+        let want: [u8; 80] = [
+            0x00, 0x00, 0x05, 0x0A, 0x00, 0x01, 0x23, 0x05, 0x00, 0x00, 0x00, 0x08, 0, 0, 0, 0, //
+            0x00, 0x00, 0x00, 0x0B, 0, 0, 0, 0, 0x80, 0x00, 0x04, 0x56, 0x00, 0x00, 0x00, 0x12, //
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
+            0x00, 0x00, 0x05, 0xDC, 0x00, 0xAB, 0xCD, 0x00, 0x00, 0x00, 0x00, 0x10, 0, 0, 0, 0,
+        ];
+        assert_eq!(&w[..80], &want);
+        assert!(w[80..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn multicast_av_sets_grh() {
+        let mut w = [0u8; 48];
+        let mut dgid = [0u8; 16];
+        dgid[0] = 0xFF;
+        datagram(
+            &mut w,
+            &AddressVector {
+                dqpn: 0xFF_FFFF,
+                qkey: 0x1B,
+                dlid: 0xC001,
+                grh: Some(Grh {
+                    dgid,
+                    hop_limit: 1,
+                    ..Grh::default()
+                }),
+                ..AddressVector::default()
+            },
+        );
+        assert_eq!(&w[0x08..0x0C], &[0x80, 0xFF, 0xFF, 0xFF]);
+        assert_eq!(&w[0x0E..0x10], &[0xC0, 0x01]);
+        assert_eq!(w[0x1B], 1);
+        assert_eq!(&w[0x1C..0x20], &[0x40, 0, 0, 0]);
+        assert_eq!(w[0x20], 0xFF);
+    }
+}

@@ -1,0 +1,441 @@
+//! Completion queues and queue pairs on a brought-up [`Hca`].
+//!
+//! These are the datapath objects: creation and state transitions go
+//! through commands, posting and polling touch only DMA memory and doorbells
+//! and allocate nothing. Work is posted in batches: `post_*` writes WQEs,
+//! `ring_*` publishes them with one doorbell.
+
+use crate::cmd::cq::{CreateCq, DestroyCq, ModifyCqModeration};
+use crate::cmd::mcg::{AttachMcg, DetachMcg};
+use crate::cmd::qp::{
+    CreateQp, DestroyQp, ModifyQp, QpContext, QpToErr, QpToRst, ServiceType, Transition, opt, qpc,
+};
+use crate::hca::{Hca, HcaError};
+use crate::layout::cqe::{CQE_LEN, Cqe, INVALID_OP_OWN, OP_OWN};
+use crate::layout::wqe::{self, AddressVector, DS, Sge, WQEBB};
+use crate::layout::be32;
+use crate::queues::cq::{ARM_NEXT, CqRing};
+use crate::queues::wq::{RqRing, SqRing};
+use crate::regs;
+use crate::transport::{DmaBuffer, Transport, dma_rmb, dma_wmb};
+
+/// A completion queue.
+#[derive(Debug)]
+pub struct Cq {
+    cqn: u32,
+    buf: DmaBuffer,
+    dbr: DmaBuffer,
+    ring: CqRing,
+    uar: u32,
+    arm_sn: u32,
+}
+
+impl Cq {
+    /// Creates a CQ of `1 << log_size` entries completing on the HCA's EQ.
+    pub fn create<T: Transport>(hca: &mut Hca<T>, log_size: u8) -> Result<Cq, HcaError> {
+        let log_size = log_size.clamp(1, 22);
+        let len = (1usize << log_size) * CQE_LEN;
+        let buf = hca.alloc_dma(len)?;
+        for i in 0..(1usize << log_size) {
+            buf.write_u8(i * CQE_LEN + OP_OWN, INVALID_OP_OWN);
+        }
+        let dbr = match hca.alloc_dma(4096) {
+            Ok(d) => d,
+            Err(e) => {
+                hca.free_dma(buf)?;
+                return Err(e.into());
+            }
+        };
+        let cmd = CreateCq {
+            log_size,
+            uar: hca.uar(),
+            eqn: u32::from(hca.eqn()),
+            period: 0,
+            max_count: 0,
+            dbr: dbr.iova(),
+            pas: (0..len.div_ceil(4096)).map(|k| buf.iova_at(k * 4096)).collect(),
+        };
+        match hca.exec(&cmd) {
+            Ok(cqn) => Ok(Cq {
+                cqn,
+                buf,
+                dbr,
+                ring: CqRing::new(log_size),
+                uar: hca.uar(),
+                arm_sn: 0,
+            }),
+            Err(e) => {
+                hca.free_dma(buf)?;
+                hca.free_dma(dbr)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The CQ number.
+    pub fn cqn(&self) -> u32 {
+        self.cqn
+    }
+
+    /// Polls up to `out.len()` completions; publishes the consumer index once.
+    pub fn poll(&mut self, out: &mut [Cqe]) -> usize {
+        let mut n = 0;
+        let mut raw = [0u8; CQE_LEN];
+        while n < out.len() {
+            let off = self.ring.index() * CQE_LEN;
+            if !self.ring.is_valid(self.buf.read_u8(off + OP_OWN)) {
+                break;
+            }
+            dma_rmb();
+            self.buf.read(off, &mut raw);
+            out[n] = Cqe::parse(&raw);
+            self.ring.advance();
+            n += 1;
+        }
+        if n > 0 {
+            self.dbr.write_be32(0, self.ring.set_ci());
+        }
+        n
+    }
+
+    /// Requests an event for the next completion (§6.5).
+    pub fn arm(&mut self, t: &dyn Transport) {
+        let word = self.ring.arm_word(self.arm_sn, ARM_NEXT);
+        self.dbr.write_be32(4, word);
+        dma_wmb();
+        t.bar_write64(
+            self.uar * regs::UAR_PAGE + regs::UAR_CQ_DB,
+            (u64::from(word) << 32) | u64::from(self.cqn),
+        );
+    }
+
+    /// Records a completion event for this CQ (advances `arm_sn`).
+    pub fn event(&mut self) {
+        self.arm_sn = self.arm_sn.wrapping_add(1);
+    }
+
+    /// Sets interrupt moderation.
+    pub fn moderate<T: Transport>(&mut self, hca: &mut Hca<T>, period_us: u16, count: u16) -> Result<(), HcaError> {
+        hca.exec(&ModifyCqModeration {
+            cqn: self.cqn,
+            period: period_us,
+            max_count: count,
+        })?;
+        Ok(())
+    }
+
+    /// Destroys the CQ and frees its memory.
+    pub fn destroy<T: Transport>(self, hca: &mut Hca<T>) -> Result<(), HcaError> {
+        hca.exec(&DestroyCq(self.cqn))?;
+        hca.free_dma(self.buf)?;
+        hca.free_dma(self.dbr)?;
+        Ok(())
+    }
+}
+
+/// How to build a QP.
+#[derive(Clone, Copy, Debug)]
+pub struct QpConfig {
+    /// UD, GSI or RC.
+    pub st: ServiceType,
+    /// 1-based port.
+    pub port: u8,
+    /// P_Key table index.
+    pub pkey_index: u16,
+    /// Q_Key (UD/GSI).
+    pub qkey: u32,
+    /// log2 send queue basic blocks.
+    pub log_sq: u8,
+    /// log2 receive WQEs.
+    pub log_rq: u8,
+    /// Scatter entries per receive WQE.
+    pub rq_sge: u8,
+    /// Send CQ.
+    pub send_cq: u32,
+    /// Receive CQ.
+    pub recv_cq: u32,
+    /// Do not loop back own multicast.
+    pub block_mc_loopback: bool,
+}
+
+/// Why a post was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    /// No room in the queue.
+    #[error("work queue full")]
+    Full,
+    /// Too many gather/scatter entries for one WQE.
+    #[error("too many segments for one WQE")]
+    TooManySegments,
+}
+
+/// QP states as the driver tracks them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QpState {
+    /// RESET.
+    Reset,
+    /// INIT.
+    Init,
+    /// RTR.
+    Rtr,
+    /// RTS.
+    Rts,
+    /// ERR.
+    Error,
+}
+
+/// A queue pair.
+#[derive(Debug)]
+pub struct Qp {
+    qpn: u32,
+    buf: DmaBuffer,
+    dbr: DmaBuffer,
+    sq: SqRing,
+    rq: RqRing,
+    rq_stride: usize,
+    sq_offset: usize,
+    rq_sge: usize,
+    uar: u32,
+    bf_offset: u32,
+    bf_half: u32,
+    last_ctrl: Option<[u8; 8]>,
+    terminator: u32,
+    qpc: QpContext,
+    state: QpState,
+}
+
+impl Qp {
+    /// Creates a QP in RESET.
+    pub fn create<T: Transport>(hca: &mut Hca<T>, cfg: &QpConfig) -> Result<Qp, HcaError> {
+        let rq_stride = ((usize::from(cfg.rq_sge) + 1) * DS).next_power_of_two().max(DS);
+        let log_rq_stride = (rq_stride / DS).trailing_zeros();
+        let rq_bytes = (1usize << cfg.log_rq) * rq_stride;
+        let sq_offset = rq_bytes.max(WQEBB).next_multiple_of(WQEBB);
+        let len = sq_offset + (1usize << cfg.log_sq) * WQEBB;
+        let buf = hca.alloc_dma(len)?;
+        let dbr = match hca.alloc_dma(4096) {
+            Ok(d) => d,
+            Err(e) => {
+                hca.free_dma(buf)?;
+                return Err(e.into());
+            }
+        };
+        let mut c = QpContext::default();
+        c.set(qpc::ST, cfg.st as u32)
+            .set(qpc::PM_STATE, 3)
+            .set(qpc::PD, hca.pd())
+            .set(qpc::BLOCK_LB_MC, u32::from(cfg.block_mc_loopback))
+            .set(qpc::LOG_RQ_SIZE, u32::from(cfg.log_rq))
+            .set(qpc::LOG_RQ_STRIDE, log_rq_stride)
+            .set(qpc::LOG_SQ_SIZE, u32::from(cfg.log_sq))
+            .set(qpc::RLKY, 1)
+            .set(qpc::UAR_PAGE, hca.uar())
+            .set(qpc::USER_INDEX, 0xFF_FFFF)
+            .set(qpc::LOG_PAGE_SIZE, 0)
+            .set(qpc::FRE, 1)
+            .set(qpc::CQN_SND, cfg.send_cq)
+            .set(qpc::CQN_RCV, cfg.recv_cq)
+            .set(qpc::PKEY_INDEX, u32::from(cfg.pkey_index))
+            .set(qpc::VHCA_PORT_NUM, u32::from(cfg.port))
+            .set(qpc::Q_KEY, cfg.qkey)
+            .set(qpc::LOG_ACK_REQ_FREQ, 8)
+            .set_dbr(dbr.iova());
+        let (mtu, log_msg) = match cfg.st {
+            ServiceType::Gsi => (1, 8),
+            _ => (5, 12),
+        };
+        c.set(qpc::MTU, mtu).set(qpc::LOG_MSG_MAX, log_msg);
+        let pas = (0..len.div_ceil(4096)).map(|k| buf.iova_at(k * 4096)).collect();
+        let qpn = match hca.exec(&CreateQp { qpc: c.clone(), pas }) {
+            Ok(q) => q,
+            Err(e) => {
+                hca.free_dma(buf)?;
+                hca.free_dma(dbr)?;
+                return Err(e.into());
+            }
+        };
+        let bf_size = 1u32 << hca.caps().get(crate::layout::caps::field::LOG_BF_REG_SIZE).clamp(6, 11);
+        Ok(Qp {
+            qpn,
+            buf,
+            dbr,
+            sq: SqRing::new(cfg.log_sq),
+            rq: RqRing::new(cfg.log_rq),
+            rq_stride,
+            sq_offset,
+            rq_sge: usize::from(cfg.rq_sge),
+            uar: hca.uar(),
+            bf_offset: 0,
+            bf_half: bf_size / 2,
+            last_ctrl: None,
+            terminator: hca.terminator_lkey(),
+            qpc: c,
+            state: QpState::Reset,
+        })
+    }
+
+    /// The QP number.
+    pub fn qpn(&self) -> u32 {
+        self.qpn
+    }
+
+    /// The driver's view of the state.
+    pub fn state(&self) -> QpState {
+        self.state
+    }
+
+    fn modify<T: Transport>(&mut self, hca: &mut Hca<T>, t: Transition, opt_mask: u32) -> Result<(), HcaError> {
+        hca.exec(&ModifyQp {
+            transition: t,
+            qpn: self.qpn,
+            opt_mask,
+            qpc: self.qpc.clone(),
+        })?;
+        Ok(())
+    }
+
+    /// RESET → INIT → RTR → RTS for a UD or GSI QP (§4.12 table).
+    pub fn activate_datagram<T: Transport>(&mut self, hca: &mut Hca<T>) -> Result<(), HcaError> {
+        self.modify(hca, Transition::Rst2Init, 0)?;
+        self.state = QpState::Init;
+        self.modify(hca, Transition::Init2Rtr, opt::PKEY_INDEX | opt::Q_KEY)?;
+        self.state = QpState::Rtr;
+        self.qpc.set(qpc::NEXT_SEND_PSN, 0);
+        self.modify(hca, Transition::Rtr2Rts, opt::Q_KEY)?;
+        self.state = QpState::Rts;
+        Ok(())
+    }
+
+    /// Sets a new Q_Key with RTS2RTS.
+    pub fn set_qkey<T: Transport>(&mut self, hca: &mut Hca<T>, qkey: u32) -> Result<(), HcaError> {
+        self.qpc.set(qpc::Q_KEY, qkey);
+        self.modify(hca, Transition::Rts2Rts, opt::Q_KEY)
+    }
+
+    /// Moves the QP to ERR: outstanding WQEs complete as flushed.
+    pub fn to_error<T: Transport>(&mut self, hca: &mut Hca<T>) -> Result<(), HcaError> {
+        hca.exec(&QpToErr(self.qpn))?;
+        self.state = QpState::Error;
+        Ok(())
+    }
+
+    /// Moves the QP to RESET and forgets all posted work.
+    pub fn reset<T: Transport>(&mut self, hca: &mut Hca<T>) -> Result<(), HcaError> {
+        hca.exec(&QpToRst(self.qpn))?;
+        self.state = QpState::Reset;
+        self.sq = SqRing::new(self.sq.len().trailing_zeros() as u8);
+        self.rq = RqRing::new(self.rq.len().trailing_zeros() as u8);
+        self.dbr.write(0, &[0; 8]);
+        Ok(())
+    }
+
+    /// Attaches to a multicast group.
+    pub fn attach<T: Transport>(&self, hca: &mut Hca<T>, mgid: [u8; 16]) -> Result<(), HcaError> {
+        hca.exec(&AttachMcg { qpn: self.qpn, mgid })?;
+        Ok(())
+    }
+
+    /// Detaches from a multicast group.
+    pub fn detach<T: Transport>(&self, hca: &mut Hca<T>, mgid: [u8; 16]) -> Result<(), HcaError> {
+        hca.exec(&DetachMcg { qpn: self.qpn, mgid })?;
+        Ok(())
+    }
+
+    /// Writes a UD SEND of `sges` to `av` into the SQ (not yet rung).
+    /// Returns the WQE index (for matching the requester CQE).
+    pub fn post_send_ud(&mut self, av: &AddressVector, sges: &[Sge], signaled: bool) -> Result<u16, PostError> {
+        let ds = 4 + sges.len();
+        if ds > 63 {
+            return Err(PostError::TooManySegments);
+        }
+        let bbs = ds.div_ceil(4) as u16;
+        let mut w = [0u8; 16 * WQEBB];
+        let idx = self.sq.pc();
+        let flags = if signaled { wqe::CQ_UPDATE } else { 0 };
+        wqe::ctrl(&mut w, wqe::op::SEND, idx, self.qpn, ds as u8, flags, 0);
+        wqe::datagram(&mut w[16..64], av);
+        for (k, s) in sges.iter().enumerate() {
+            wqe::data(&mut w[64 + k * DS..], s.len, s.lkey, s.addr);
+        }
+        let idx = self.sq.claim(bbs).ok_or(PostError::Full)?;
+        for b in 0..usize::from(bbs) {
+            let slot = usize::from(idx.wrapping_add(b as u16)) & (usize::from(self.sq.len()) - 1);
+            self.buf.write(self.sq_offset + slot * WQEBB, &w[b * WQEBB..(b + 1) * WQEBB]);
+        }
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&w[..8]);
+        self.last_ctrl = Some(c);
+        Ok(idx)
+    }
+
+    /// Publishes posted sends: doorbell record, then the 64-bit doorbell
+    /// with the last WQE's first 8 bytes (§7.9).
+    pub fn ring_sq(&mut self, t: &dyn Transport) {
+        let Some(c) = self.last_ctrl.take() else { return };
+        dma_wmb();
+        self.dbr.write_be32(4, u32::from(self.sq.pc()));
+        dma_wmb();
+        let off = self.uar * regs::UAR_PAGE + regs::UAR_BF + self.bf_offset;
+        t.bar_write64(off, u64::from_be_bytes(c));
+        self.bf_offset ^= self.bf_half;
+    }
+
+    /// Writes a receive WQE (not yet published).
+    pub fn post_recv(&mut self, sges: &[Sge]) -> Result<(), PostError> {
+        if sges.len() > self.rq_sge {
+            return Err(PostError::TooManySegments);
+        }
+        let slot = self.rq.claim().ok_or(PostError::Full)?;
+        let mut w = [0u8; 16 * 64];
+        for (k, s) in sges.iter().enumerate() {
+            wqe::data(&mut w[k * DS..], s.len, s.lkey, s.addr);
+        }
+        if sges.len() * DS < self.rq_stride {
+            wqe::data(&mut w[sges.len() * DS..], 0, self.terminator, 0);
+        }
+        self.buf.write(slot * self.rq_stride, &w[..self.rq_stride]);
+        Ok(())
+    }
+
+    /// Publishes posted receives (record only; no MMIO doorbell for RQs).
+    pub fn ring_rq(&mut self) {
+        dma_wmb();
+        self.dbr.write_be32(0, u32::from(self.rq.head()));
+    }
+
+    /// A send completion for the WQE at `wqe_index` arrived.
+    pub fn send_done(&mut self, wqe_index: u16) {
+        let ds = be32(&self.wqe_ctrl(wqe_index), 4) & 0x3F;
+        self.sq.complete(wqe_index, (ds as u16).div_ceil(4).max(1));
+    }
+
+    fn wqe_ctrl(&self, wqe_index: u16) -> [u8; 8] {
+        let slot = usize::from(wqe_index) & (usize::from(self.sq.len()) - 1);
+        let mut c = [0u8; 8];
+        self.buf.read(self.sq_offset + slot * WQEBB, &mut c);
+        c
+    }
+
+    /// A receive completion arrived (RQ WQEs complete in order).
+    pub fn recv_done(&mut self) {
+        self.rq.complete();
+    }
+
+    /// Receive WQEs posted and not yet completed.
+    pub fn recv_outstanding(&self) -> u16 {
+        self.rq.outstanding()
+    }
+
+    /// Free send basic blocks.
+    pub fn send_free(&self) -> u16 {
+        self.sq.free()
+    }
+
+    /// Destroys the QP and frees its memory.
+    pub fn destroy<T: Transport>(self, hca: &mut Hca<T>) -> Result<(), HcaError> {
+        hca.exec(&DestroyQp(self.qpn))?;
+        hca.free_dma(self.buf)?;
+        hca.free_dma(self.dbr)?;
+        Ok(())
+    }
+}
