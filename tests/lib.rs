@@ -43,3 +43,146 @@ pub fn quick_cfg() -> HcaConfig {
         ..HcaConfig::default()
     }
 }
+
+/// One HCA on a fabric with a UD QP, its CQs and a buffer for payloads.
+pub mod node {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use ipoib_sim::{Fabric, SimConfig, SimHca};
+    use mlx5_driver::Hca;
+    use mlx5_driver::cmd::qp::ServiceType;
+    use mlx5_driver::layout::cqe::Cqe;
+    use mlx5_driver::layout::smp::{PortInfo, PortState, attr};
+    use mlx5_driver::transport::DmaBuffer;
+    use mlx5_driver::verbs::{Cq, Qp, QpConfig};
+
+    /// Receive buffer size: GRH area + 4 KiB MTU.
+    pub const RX_BUF: usize = 40 + 4096;
+    /// Receive buffers per node.
+    pub const RX_BUFS: usize = 32;
+
+    /// An HCA with one UD QP.
+    #[derive(Debug)]
+    pub struct Node {
+        /// The device.
+        pub dev: Arc<SimHca>,
+        /// The driver.
+        pub hca: Hca<Arc<SimHca>>,
+        /// Send CQ.
+        pub scq: Cq,
+        /// Receive CQ.
+        pub rcq: Cq,
+        /// The UD QP.
+        pub qp: Qp,
+        /// Receive buffers (RX_BUFS × RX_BUF), then a 64 KiB send area.
+        pub mem: DmaBuffer,
+        /// LID the SM assigned.
+        pub lid: u16,
+    }
+
+    /// Offset of the send area in `mem`.
+    pub const TX_AREA: usize = RX_BUFS * RX_BUF;
+
+    impl Node {
+        /// Brings up an HCA on `fabric` and waits for its port to be Active.
+        pub fn new(fabric: &Fabric, guid: u64, qkey: u32) -> Node {
+            let dev = Arc::new(SimHca::new(SimConfig {
+                node_guid: guid,
+                ..SimConfig::default()
+            }));
+            dev.connect(fabric);
+            let mut hca = Hca::bring_up(dev.clone(), crate::quick_cfg()).expect("bring-up");
+            // The SM may have activated the port before the EQ existed, so
+            // look at the port itself, and serve events while waiting.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let pi = loop {
+                let pi = PortInfo::parse(&hca.smp(1, attr::PORT_INFO, 1).expect("PortInfo"));
+                if pi.state == PortState::Active || Instant::now() > deadline {
+                    break pi;
+                }
+                hca.poll_events(Duration::from_millis(10)).expect("events");
+            };
+            assert_eq!(pi.state, PortState::Active, "port never became Active");
+            let scq = Cq::create(&mut hca, 6).expect("send CQ");
+            let rcq = Cq::create(&mut hca, 6).expect("recv CQ");
+            let mut qp = Qp::create(
+                &mut hca,
+                &QpConfig {
+                    st: ServiceType::Ud,
+                    port: 1,
+                    pkey_index: 0,
+                    qkey,
+                    log_sq: 6,
+                    log_rq: 6,
+                    rq_sge: 1,
+                    send_cq: scq.cqn(),
+                    recv_cq: rcq.cqn(),
+                    block_mc_loopback: true,
+                },
+            )
+            .expect("UD QP");
+            qp.activate_datagram(&mut hca).expect("RTS");
+            let mem = hca.alloc_dma(TX_AREA + 65536).expect("buffers");
+            let mut n = Node {
+                dev,
+                hca,
+                scq,
+                rcq,
+                qp,
+                mem,
+                lid: pi.lid,
+            };
+            for i in 0..RX_BUFS {
+                n.post_rx(i);
+            }
+            n.qp.ring_rq();
+            n
+        }
+
+        /// Posts receive buffer `i`.
+        pub fn post_rx(&mut self, i: usize) {
+            let sge = mlx5_driver::layout::wqe::Sge {
+                addr: self.mem.iova_at(i * RX_BUF).0,
+                len: RX_BUF as u32,
+                lkey: self.hca.lkey(),
+            };
+            self.qp.post_recv(&[sge]).expect("post_recv");
+        }
+
+        /// Waits for up to `n` completions on `which` (true = receive CQ).
+        pub fn wait_cqes(&mut self, recv: bool, n: usize, timeout: Duration) -> Vec<Cqe> {
+            let deadline = Instant::now() + timeout;
+            let mut got = Vec::new();
+            let mut buf = [Cqe::parse(&[0xF0u8; 64]); 16];
+            while got.len() < n && Instant::now() < deadline {
+                let cq = if recv { &mut self.rcq } else { &mut self.scq };
+                let k = cq.poll(&mut buf);
+                got.extend_from_slice(&buf[..k]);
+                if k == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            got
+        }
+
+        /// Tears everything down and returns whether it all came back.
+        pub fn finish(self) -> (mlx5_driver::hca::TeardownReport, ipoib_sim::SimReport) {
+            let Node {
+                dev,
+                mut hca,
+                scq,
+                rcq,
+                qp,
+                mem,
+                ..
+            } = self;
+            qp.destroy(&mut hca).expect("destroy QP");
+            scq.destroy(&mut hca).expect("destroy CQ");
+            rcq.destroy(&mut hca).expect("destroy CQ");
+            hca.free_dma(mem).expect("free");
+            let r = hca.shutdown();
+            (r, dev.report())
+        }
+    }
+}

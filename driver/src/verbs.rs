@@ -11,9 +11,9 @@ use crate::cmd::qp::{
     CreateQp, DestroyQp, ModifyQp, QpContext, QpToErr, QpToRst, ServiceType, Transition, opt, qpc,
 };
 use crate::hca::{Hca, HcaError};
+use crate::layout::be32;
 use crate::layout::cqe::{CQE_LEN, Cqe, INVALID_OP_OWN, OP_OWN};
 use crate::layout::wqe::{self, AddressVector, DS, Sge, WQEBB};
-use crate::layout::be32;
 use crate::queues::cq::{ARM_NEXT, CqRing};
 use crate::queues::wq::{RqRing, SqRing};
 use crate::regs;
@@ -53,7 +53,9 @@ impl Cq {
             period: 0,
             max_count: 0,
             dbr: dbr.iova(),
-            pas: (0..len.div_ceil(4096)).map(|k| buf.iova_at(k * 4096)).collect(),
+            pas: (0..len.div_ceil(4096))
+                .map(|k| buf.iova_at(k * 4096))
+                .collect(),
         };
         match hca.exec(&cmd) {
             Ok(cqn) => Ok(Cq {
@@ -115,7 +117,12 @@ impl Cq {
     }
 
     /// Sets interrupt moderation.
-    pub fn moderate<T: Transport>(&mut self, hca: &mut Hca<T>, period_us: u16, count: u16) -> Result<(), HcaError> {
+    pub fn moderate<T: Transport>(
+        &mut self,
+        hca: &mut Hca<T>,
+        period_us: u16,
+        count: u16,
+    ) -> Result<(), HcaError> {
         hca.exec(&ModifyCqModeration {
             cqn: self.cqn,
             period: period_us,
@@ -207,10 +214,14 @@ pub struct Qp {
 impl Qp {
     /// Creates a QP in RESET.
     pub fn create<T: Transport>(hca: &mut Hca<T>, cfg: &QpConfig) -> Result<Qp, HcaError> {
-        let rq_stride = ((usize::from(cfg.rq_sge) + 1) * DS).next_power_of_two().max(DS);
+        // The SQ starts right after the RQ (§7.1); keep the RQ at least one
+        // basic block long so the SQ stays 64-byte aligned, as Linux does.
+        let mut rq_stride = ((usize::from(cfg.rq_sge) + 1) * DS).next_power_of_two();
+        while (1usize << cfg.log_rq) * rq_stride < WQEBB {
+            rq_stride *= 2;
+        }
         let log_rq_stride = (rq_stride / DS).trailing_zeros();
-        let rq_bytes = (1usize << cfg.log_rq) * rq_stride;
-        let sq_offset = rq_bytes.max(WQEBB).next_multiple_of(WQEBB);
+        let sq_offset = (1usize << cfg.log_rq) * rq_stride;
         let len = sq_offset + (1usize << cfg.log_sq) * WQEBB;
         let buf = hca.alloc_dma(len)?;
         let dbr = match hca.alloc_dma(4096) {
@@ -245,8 +256,13 @@ impl Qp {
             _ => (5, 12),
         };
         c.set(qpc::MTU, mtu).set(qpc::LOG_MSG_MAX, log_msg);
-        let pas = (0..len.div_ceil(4096)).map(|k| buf.iova_at(k * 4096)).collect();
-        let qpn = match hca.exec(&CreateQp { qpc: c.clone(), pas }) {
+        let pas = (0..len.div_ceil(4096))
+            .map(|k| buf.iova_at(k * 4096))
+            .collect();
+        let qpn = match hca.exec(&CreateQp {
+            qpc: c.clone(),
+            pas,
+        }) {
             Ok(q) => q,
             Err(e) => {
                 hca.free_dma(buf)?;
@@ -254,7 +270,11 @@ impl Qp {
                 return Err(e.into());
             }
         };
-        let bf_size = 1u32 << hca.caps().get(crate::layout::caps::field::LOG_BF_REG_SIZE).clamp(6, 11);
+        let bf_size = 1u32
+            << hca
+                .caps()
+                .get(crate::layout::caps::field::LOG_BF_REG_SIZE)
+                .clamp(6, 11);
         Ok(Qp {
             qpn,
             buf,
@@ -284,7 +304,12 @@ impl Qp {
         self.state
     }
 
-    fn modify<T: Transport>(&mut self, hca: &mut Hca<T>, t: Transition, opt_mask: u32) -> Result<(), HcaError> {
+    fn modify<T: Transport>(
+        &mut self,
+        hca: &mut Hca<T>,
+        t: Transition,
+        opt_mask: u32,
+    ) -> Result<(), HcaError> {
         hca.exec(&ModifyQp {
             transition: t,
             qpn: self.qpn,
@@ -331,19 +356,30 @@ impl Qp {
 
     /// Attaches to a multicast group.
     pub fn attach<T: Transport>(&self, hca: &mut Hca<T>, mgid: [u8; 16]) -> Result<(), HcaError> {
-        hca.exec(&AttachMcg { qpn: self.qpn, mgid })?;
+        hca.exec(&AttachMcg {
+            qpn: self.qpn,
+            mgid,
+        })?;
         Ok(())
     }
 
     /// Detaches from a multicast group.
     pub fn detach<T: Transport>(&self, hca: &mut Hca<T>, mgid: [u8; 16]) -> Result<(), HcaError> {
-        hca.exec(&DetachMcg { qpn: self.qpn, mgid })?;
+        hca.exec(&DetachMcg {
+            qpn: self.qpn,
+            mgid,
+        })?;
         Ok(())
     }
 
     /// Writes a UD SEND of `sges` to `av` into the SQ (not yet rung).
     /// Returns the WQE index (for matching the requester CQE).
-    pub fn post_send_ud(&mut self, av: &AddressVector, sges: &[Sge], signaled: bool) -> Result<u16, PostError> {
+    pub fn post_send_ud(
+        &mut self,
+        av: &AddressVector,
+        sges: &[Sge],
+        signaled: bool,
+    ) -> Result<u16, PostError> {
         let ds = 4 + sges.len();
         if ds > 63 {
             return Err(PostError::TooManySegments);
@@ -360,7 +396,10 @@ impl Qp {
         let idx = self.sq.claim(bbs).ok_or(PostError::Full)?;
         for b in 0..usize::from(bbs) {
             let slot = usize::from(idx.wrapping_add(b as u16)) & (usize::from(self.sq.len()) - 1);
-            self.buf.write(self.sq_offset + slot * WQEBB, &w[b * WQEBB..(b + 1) * WQEBB]);
+            self.buf.write(
+                self.sq_offset + slot * WQEBB,
+                &w[b * WQEBB..(b + 1) * WQEBB],
+            );
         }
         let mut c = [0u8; 8];
         c.copy_from_slice(&w[..8]);
@@ -371,7 +410,9 @@ impl Qp {
     /// Publishes posted sends: doorbell record, then the 64-bit doorbell
     /// with the last WQE's first 8 bytes (§7.9).
     pub fn ring_sq(&mut self, t: &dyn Transport) {
-        let Some(c) = self.last_ctrl.take() else { return };
+        let Some(c) = self.last_ctrl.take() else {
+            return;
+        };
         dma_wmb();
         self.dbr.write_be32(4, u32::from(self.sq.pc()));
         dma_wmb();

@@ -24,6 +24,7 @@ pub mod status {
     pub const BAD_SYS_STATE: u8 = 0x04;
     pub const BAD_RES: u8 = 0x05;
     pub const RES_BUSY: u8 = 0x06;
+    pub const BAD_QP_STATE: u8 = 0x10;
     pub const LIM: u8 = 0x08;
     pub const BAD_INP_LEN: u8 = 0x50;
     pub const BAD_OUTP_LEN: u8 = 0x51;
@@ -62,6 +63,9 @@ pub enum Reason {
     BadVector = 0x34,
     BufferNotMapped = 0x35,
     BadPort = 0x36,
+    BadQpState = 0x37,
+    BadQueueSize = 0x38,
+    BadServiceType = 0x39,
     Injected = 0xEE,
 }
 
@@ -74,7 +78,7 @@ pub struct Fail {
     pub syndrome: u32,
 }
 
-fn fail(opcode: u16, status: u8, why: Reason) -> Fail {
+pub(crate) fn fail(opcode: u16, status: u8, why: Reason) -> Fail {
     Fail {
         status,
         syndrome: (u32::from(opcode) << 16) | why as u32,
@@ -128,26 +132,37 @@ const FIRST_UAR: u32 = 3;
 /// The firmware state.
 #[derive(Debug)]
 pub struct Firmware {
-    p: FwParams,
-    enabled: bool,
-    issi: u16,
-    boot_given: u32,
-    init_given: u32,
-    caps_set: bool,
-    initialized: bool,
-    caps_max: CapBlock,
-    caps_cur: CapBlock,
-    pages: BTreeSet<u64>,
-    uars: BTreeSet<u32>,
-    pds: BTreeSet<u32>,
-    next_pd: u32,
-    mkeys: BTreeMap<u32, u32>,
-    next_mkey: u32,
-    eqs: BTreeMap<u8, SimEq>,
-    next_eqn: u8,
-    port: Port,
-    storm_left: u32,
-    reclaims_due: VecDeque<u32>,
+    pub(crate) p: FwParams,
+    pub(crate) enabled: bool,
+    pub(crate) issi: u16,
+    pub(crate) boot_given: u32,
+    pub(crate) init_given: u32,
+    pub(crate) caps_set: bool,
+    pub(crate) initialized: bool,
+    pub(crate) caps_max: CapBlock,
+    pub(crate) caps_cur: CapBlock,
+    pub(crate) pages: BTreeSet<u64>,
+    pub(crate) uars: BTreeSet<u32>,
+    pub(crate) pds: BTreeSet<u32>,
+    pub(crate) next_pd: u32,
+    pub(crate) mkeys: BTreeMap<u32, (u32, u8)>,
+    pub(crate) next_mkey: u32,
+    pub(crate) eqs: BTreeMap<u8, SimEq>,
+    pub(crate) next_eqn: u8,
+    pub(crate) port: Port,
+    pub(crate) storm_left: u32,
+    pub(crate) reclaims_due: VecDeque<u32>,
+    pub(crate) cqs: BTreeMap<u32, crate::queues::SimCq>,
+    pub(crate) next_cqn: u32,
+    pub(crate) qps: BTreeMap<u32, crate::queues::SimQp>,
+    pub(crate) next_qpn: u32,
+    pub(crate) mcgs: BTreeMap<[u8; 16], BTreeSet<u32>>,
+    /// Packets to put on the wire once the current work is done.
+    pub(crate) outbox: Vec<Vec<u8>>,
+    /// Interrupts raised by work done outside a command's effects.
+    pub(crate) pending_fx: Effects,
+    /// Datapath counters.
+    pub dp: crate::queues::DpStats,
     /// Counters.
     pub stats: FwStats,
 }
@@ -184,6 +199,14 @@ impl Firmware {
             next_eqn: 1,
             port,
             reclaims_due: VecDeque::new(),
+            cqs: BTreeMap::new(),
+            next_cqn: 0x80,
+            qps: BTreeMap::new(),
+            next_qpn: 0x100,
+            mcgs: BTreeMap::new(),
+            outbox: Vec::new(),
+            pending_fx: Effects::default(),
+            dp: crate::queues::DpStats::default(),
             stats: FwStats::default(),
         }
     }
@@ -200,7 +223,12 @@ impl Firmware {
 
     /// Objects alive now.
     pub fn objects_alive(&self) -> usize {
-        self.uars.len() + self.pds.len() + self.mkeys.len() + self.eqs.len()
+        self.uars.len()
+            + self.pds.len()
+            + self.mkeys.len()
+            + self.eqs.len()
+            + self.cqs.len()
+            + self.qps.len()
     }
 
     /// Whether ENABLE_HCA is in effect.
@@ -354,7 +382,9 @@ impl Firmware {
             0x100 => (0x10, 0x1010),
             0x109 => (0x1010, 0x10),
             0x203 => (0x10, 0x18),
-            0x200 | 0x301 => (0x110, 0x10),
+            0x200 | 0x301 | 0x400 | 0x403 | 0x500 | 0x502..=0x505 => (0x110, 0x10),
+            0x401 | 0x501 | 0x507 | 0x50A => (0x10, 0x10),
+            0x806 | 0x807 => (0x20, 0x10),
             0x50D => (0x110, 0x110),
             0x10B | 0x107 | 0x108 | 0x102 | 0x103 | 0x805 | 0x800 | 0x801 | 0x802 | 0x803
             | 0x202 | 0x302 | 0x80D => (0x10, 0x10),
@@ -587,6 +617,9 @@ impl Firmware {
                 self.pds.clear();
                 self.mkeys.clear();
                 self.eqs.clear();
+                self.cqs.clear();
+                self.qps.clear();
+                self.mcgs.clear();
                 self.initialized = false;
                 self.caps_set = false;
                 self.reclaims_due.clear();
@@ -632,7 +665,10 @@ impl Firmware {
                 if !self.uars.contains(&u) {
                     return Err(fail(op, BAD_RES, Reason::UnknownObject));
                 }
-                if self.eqs.values().any(|e| e.uar == u) {
+                if self.eqs.values().any(|e| e.uar == u)
+                    || self.cqs.values().any(|c| c.uar == u)
+                    || self.qps.values().any(|q| q.uar == u)
+                {
                     return Err(fail(op, RES_BUSY, Reason::ObjectInUse));
                 }
                 self.uars.remove(&u);
@@ -651,7 +687,9 @@ impl Firmware {
                 if !self.pds.contains(&pd) {
                     return Err(fail(op, BAD_RES, Reason::UnknownObject));
                 }
-                if self.mkeys.values().any(|&p| p == pd) {
+                if self.mkeys.values().any(|&(p, _)| p == pd)
+                    || self.qps.values().any(|q| q.pd == pd)
+                {
                     return Err(fail(op, RES_BUSY, Reason::ObjectInUse));
                 }
                 self.pds.remove(&pd);
@@ -682,7 +720,8 @@ impl Firmware {
                 }
                 let idx = self.next_mkey;
                 self.next_mkey += 1;
-                self.mkeys.insert(idx, pd);
+                self.mkeys
+                    .insert(idx, (pd, field(i, MKC + 0x04, 7, 0) as u8));
                 set_field(&mut o, 0x08, 23, 0, idx);
             }
             0x202 => {
@@ -756,9 +795,13 @@ impl Firmware {
             0x302 => {
                 need_init(self)?;
                 let eqn = field(i, 0x08, 7, 0) as u8;
-                if self.eqs.remove(&eqn).is_none() {
+                if !self.eqs.contains_key(&eqn) {
                     return Err(fail(op, BAD_RES, Reason::UnknownObject));
                 }
+                if self.cqs.values().any(|c| c.eqn == u32::from(eqn)) {
+                    return Err(fail(op, RES_BUSY, Reason::ObjectInUse));
+                }
+                self.eqs.remove(&eqn);
             }
             // MAD_IFC
             0x50D => {
@@ -771,6 +814,20 @@ impl Firmware {
                 req.copy_from_slice(&i[0x10..0x110]);
                 let resp = answer_smp(&req, port, &self.port, &self.p.node);
                 o[0x10..0x110].copy_from_slice(&resp);
+            }
+            // CQs, QPs, multicast attachments (queues.rs)
+            0x400
+            | 0x401
+            | 0x403
+            | 0x500
+            | 0x501
+            | 0x502..=0x505
+            | 0x507
+            | 0x50A
+            | 0x806
+            | 0x807 => {
+                need_init(self)?;
+                self.queue_command(iommu, op, op_mod, i, &mut o)?;
             }
             // NOP
             0x80D => need_enabled(self)?,

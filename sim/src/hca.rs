@@ -88,6 +88,12 @@ pub struct SimReport {
     pub initialized: bool,
     /// Firmware counters.
     pub fw: FwStats,
+    /// Datapath counters.
+    pub dp: crate::queues::DpStats,
+    /// Port P_Key / Q_Key violation counters (PortInfo).
+    pub pkey_violations: u16,
+    /// Q_Key violations.
+    pub qkey_violations: u16,
     /// Doorbells for slots whose ownership bit was 0 (ignored).
     pub ignored_doorbells: u64,
     /// Commands rejected at delivery (signature, token, block number ...).
@@ -110,7 +116,27 @@ pub struct SimReport {
 
 enum Msg {
     CmdDoorbell(u32),
-    EqDoorbell { uar: u32, value: u32, arm: bool },
+    EqDoorbell {
+        uar: u32,
+        value: u32,
+        arm: bool,
+    },
+    CqDoorbell {
+        uar: u32,
+        value: u64,
+    },
+    SqDoorbell {
+        uar: u32,
+        value: u64,
+    },
+    Packet(Vec<u8>),
+    PortConfig {
+        lid: u16,
+        sm_lid: u16,
+        state: u8,
+        mtu: u8,
+    },
+    Connect(crate::fabric::FabricLink),
     Reset(Sender<()>),
     Report(Sender<SimReport>),
     Shutdown,
@@ -188,6 +214,31 @@ impl Shared {
     }
 }
 
+/// Where the fabric delivers packets and port configuration for one HCA.
+#[derive(Clone, Debug)]
+pub struct DeviceInbox(Sender<Msg>);
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+impl DeviceInbox {
+    pub(crate) fn packet(&self, p: Vec<u8>) {
+        let _ = self.0.send(Msg::Packet(p));
+    }
+
+    pub(crate) fn port_config(&self, lid: u16, sm_lid: u16, state: u8, mtu: u8) {
+        let _ = self.0.send(Msg::PortConfig {
+            lid,
+            sm_lid,
+            state,
+            mtu,
+        });
+    }
+}
+
 /// A simulated ConnectX function.
 pub struct SimHca {
     shared: Arc<Shared>,
@@ -244,6 +295,14 @@ impl SimHca {
 
     fn send(&self, m: Msg) {
         let _ = lock(&self.tx).send(m);
+    }
+
+    /// Plugs the HCA's port into `fabric`. Its subnet manager activates the
+    /// port once INIT_HCA brings the link up.
+    pub fn connect(&self, fabric: &crate::fabric::Fabric) {
+        let inbox = DeviceInbox(lock(&self.tx).clone());
+        let link = fabric.attach(inbox);
+        self.send(Msg::Connect(link));
     }
 
     /// What the device saw, as of now.
@@ -339,8 +398,15 @@ impl Transport for SimHca {
         }
     }
 
-    fn bar_write64(&self, _off: u32, _value: u64) {
-        // CQ arm and SQ doorbells arrive with the queue model.
+    fn bar_write64(&self, off: u32, value: u64) {
+        if (UAR_PAGE..BAR0_LEN).contains(&off) {
+            let uar = off / UAR_PAGE;
+            match off % UAR_PAGE {
+                0x020 => return self.send(Msg::CqDoorbell { uar, value }),
+                0x800..=0xFF8 => return self.send(Msg::SqDoorbell { uar, value }),
+                _ => {}
+            }
+        }
         self.shared.n.stray_writes.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -416,6 +482,7 @@ struct Device {
     delay: Duration,
     /// Firmware stopped (fatal health): commands stall.
     dead: bool,
+    link: Option<crate::fabric::FabricLink>,
 }
 
 fn fw_params(cfg: &SimConfig) -> FwParams {
@@ -465,6 +532,7 @@ impl Device {
             fw,
             delay,
             dead: false,
+            link: None,
         }
     }
 
@@ -473,6 +541,25 @@ impl Device {
             match self.rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Msg::CmdDoorbell(mask)) => self.doorbell(mask),
                 Ok(Msg::EqDoorbell { uar, value, arm }) => self.eq_doorbell(uar, value, arm),
+                Ok(Msg::CqDoorbell { uar, value }) => {
+                    self.datapath(|fw, io, fx| fw.cq_doorbell(io, uar, value, fx))
+                }
+                Ok(Msg::SqDoorbell { uar, value }) => {
+                    self.datapath(|fw, io, fx| fw.sq_doorbell(io, uar, value, fx))
+                }
+                Ok(Msg::Packet(p)) => self.datapath(|fw, io, fx| fw.receive(io, &p, fx)),
+                Ok(Msg::PortConfig {
+                    lid,
+                    sm_lid,
+                    state,
+                    mtu,
+                }) => self.port_config(lid, sm_lid, state, mtu),
+                Ok(Msg::Connect(link)) => {
+                    if self.fw.initialized() {
+                        link.link_up();
+                    }
+                    self.link = Some(link);
+                }
                 Ok(Msg::Reset(ack)) => {
                     self.reset();
                     let _ = ack.send(());
@@ -497,6 +584,9 @@ impl Device {
             enabled: self.fw.enabled(),
             initialized: self.fw.initialized(),
             fw: self.fw.stats,
+            dp: self.fw.dp,
+            pkey_violations: self.fw.port().pkey_violations,
+            qkey_violations: self.fw.port().qkey_violations,
             ignored_doorbells: n.ignored_doorbells.load(Ordering::Relaxed),
             delivery_errors: n.delivery_errors.load(Ordering::Relaxed),
             stalled_commands: n.stalled.load(Ordering::Relaxed),
@@ -509,7 +599,79 @@ impl Device {
         }
     }
 
+    /// Runs datapath work with the IOMMU, then sends what it produced.
+    fn datapath(&mut self, f: impl FnOnce(&mut Firmware, &Iommu, &mut Effects)) {
+        if self.dead {
+            return;
+        }
+        let mut fx = Effects::default();
+        {
+            let shared = self.shared.clone();
+            let iommu = lock(&shared.iommu);
+            f(&mut self.fw, &iommu, &mut fx);
+            fx.fire.append(&mut self.fw.pending_fx.fire);
+        }
+        self.flush_outbox();
+        for v in fx.fire {
+            self.shared.fire(v);
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        let out = std::mem::take(&mut self.fw.outbox);
+        if let Some(link) = &self.link {
+            for p in out {
+                link.transmit(p);
+            }
+        }
+    }
+
+    /// The subnet manager configured the port (SubnSet(PortInfo)).
+    fn port_config(&mut self, lid: u16, sm_lid: u16, state: u8, mtu: u8) {
+        use crate::port::{phys, state as ps};
+        if !self.fw.initialized() {
+            return;
+        }
+        let old = self.fw.port.clone();
+        let port = &mut self.fw.port;
+        port.lid = lid;
+        port.sm_lid = sm_lid;
+        port.state = state;
+        port.mtu = mtu;
+        port.phys = if state == ps::DOWN {
+            phys::POLLING
+        } else {
+            phys::LINK_UP
+        };
+        let mut events = Vec::new();
+        if state == ps::ACTIVE && old.state != ps::ACTIVE {
+            events.push(4u8);
+        }
+        if state == ps::DOWN && old.state != ps::DOWN {
+            events.push(1);
+        }
+        if old.lid != 0 && old.lid != lid {
+            events.push(6);
+        }
+        let mut fx = Effects::default();
+        {
+            let shared = self.shared.clone();
+            let iommu = lock(&shared.iommu);
+            for sub in events {
+                let mut d = [0u8; 28];
+                d[0x08] = 1 << 4; // port 1 in EQE byte 0x28 bits 7:4
+                self.fw.post_event(&iommu, 0x09, sub, &d, &mut fx);
+            }
+        }
+        for v in fx.fire {
+            self.shared.fire(v);
+        }
+    }
+
     fn reset(&mut self) {
+        if let Some(l) = &self.link {
+            l.link_down();
+        }
         self.shared.n.resets.fetch_add(1, Ordering::Relaxed);
         self.fw = Firmware::new(fw_params(&self.shared.cfg));
         self.dead = false;
@@ -612,6 +774,16 @@ impl Device {
             *lock(&self.shared.held_pages) = self.fw.page_set();
         }
         drop(iommu_guard);
+        if delivery == 0
+            && let Some(l) = &self.link
+        {
+            match opcode {
+                0x102 if self.fw.initialized() => l.link_up(),
+                0x103 if !self.fw.initialized() => l.link_down(),
+                _ => {}
+            }
+        }
+        self.flush_outbox();
         self.apply_health_fault(opcode, delivery);
         for v in fx.fire {
             self.shared.fire(v);

@@ -16,12 +16,16 @@
 mod bytes;
 pub mod caps;
 mod eq;
+pub mod fabric;
 pub mod fault;
 pub mod fw;
 mod hca;
-pub mod wire;
 pub mod iommu;
+mod pcap;
 pub mod port;
+pub mod queues;
+pub mod wire;
 
+pub use fabric::{Fabric, FabricConfig, FabricStats};
 pub use fault::Fault;
 pub use hca::{SimConfig, SimHca, SimReport};

@@ -90,7 +90,11 @@ const fn crc32_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[i] = c;
@@ -107,7 +111,11 @@ const fn crc16_table() -> [u16; 256] {
         let mut c = i as u16;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xD008 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xD008 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[i] = c;
@@ -172,10 +180,17 @@ pub fn icrc(pkt: &[u8], has_grh: bool) -> u32 {
 /// Builds a packet: headers, payload, pad, ICRC, VCRC.
 pub fn build(h: &Headers, payload: &[u8]) -> Vec<u8> {
     let pad = (4 - payload.len() % 4) % 4;
-    let hdr = LRH_LEN + if h.grh.is_some() { GRH_LEN } else { 0 } + BTH_LEN + if h.deth.is_some() { DETH_LEN } else { 0 };
+    let hdr = LRH_LEN
+        + if h.grh.is_some() { GRH_LEN } else { 0 }
+        + BTH_LEN
+        + if h.deth.is_some() { DETH_LEN } else { 0 };
     let body = hdr + payload.len() + pad;
     let mut p = Vec::with_capacity(body + 6);
-    let lnh = if h.grh.is_some() { LNH_GLOBAL } else { LNH_LOCAL };
+    let lnh = if h.grh.is_some() {
+        LNH_GLOBAL
+    } else {
+        LNH_LOCAL
+    };
     p.push((h.vl << 4) & 0xF0);
     p.push((h.sl << 4) | lnh);
     p.extend_from_slice(&h.dlid.to_be_bytes());
@@ -335,7 +350,10 @@ mod tests {
         let p = build(&h, &payload);
         assert_eq!(p.len(), 98);
         assert_eq!(&p[..8], &[0x00, 0x02, 0x00, 0x04, 0x00, 0x18, 0x00, 0x03]);
-        assert_eq!(&p[8..20], &[0x64, 0x00, 0xFF, 0xFF, 0, 0, 0, 0x48, 0, 0, 0, 7]);
+        assert_eq!(
+            &p[8..20],
+            &[0x64, 0x00, 0xFF, 0xFF, 0, 0, 0, 0x48, 0, 0, 0, 7]
+        );
         assert_eq!(&p[20..28], &[0, 0, 0x0B, 0x1B, 0, 0, 0, 0x49]);
         let (back, range) = parse(&p).unwrap();
         assert_eq!(back, h);

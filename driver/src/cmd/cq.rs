@@ -54,11 +54,15 @@ impl Command for CreateCq {
         0x10
     }
     fn encode(&self, i: &mut [u8]) {
-        cqc::LOG_CQ_SIZE.within(CQC).set(i, u32::from(self.log_size));
+        cqc::LOG_CQ_SIZE
+            .within(CQC)
+            .set(i, u32::from(self.log_size));
         cqc::UAR_PAGE.within(CQC).set(i, self.uar);
         cqc::C_EQN.within(CQC).set(i, self.eqn);
         cqc::CQ_PERIOD.within(CQC).set(i, u32::from(self.period));
-        cqc::CQ_MAX_COUNT.within(CQC).set(i, u32::from(self.max_count));
+        cqc::CQ_MAX_COUNT
+            .within(CQC)
+            .set(i, u32::from(self.max_count));
         cqc::LOG_PAGE_SIZE.within(CQC).set(i, 0);
         put_be64(i, CQC + cqc::DBR_ADDR, self.dbr.0);
         for (n, p) in self.pas.iter().enumerate() {
@@ -115,8 +119,12 @@ impl Command for ModifyCqModeration {
     fn encode(&self, i: &mut [u8]) {
         CQN.set(i, self.cqn);
         BitField::dw(0x0C, 31, 0).set(i, 0x3);
-        cqc::CQ_PERIOD.within(CQC).set(i, u32::from(self.period.min(0xFFF)));
-        cqc::CQ_MAX_COUNT.within(CQC).set(i, u32::from(self.max_count));
+        cqc::CQ_PERIOD
+            .within(CQC)
+            .set(i, u32::from(self.period.min(0xFFF)));
+        cqc::CQ_MAX_COUNT
+            .within(CQC)
+            .set(i, u32::from(self.max_count));
     }
     fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
         Ok(())
@@ -137,7 +145,12 @@ mod tests {
             period: 16,
             max_count: 32,
             dbr: Iova(0x0020_0040),
-            pas: vec![Iova(0x0030_0000), Iova(0x0030_1000), Iova(0x0030_2000), Iova(0x0030_3000)],
+            pas: vec![
+                Iova(0x0030_0000),
+                Iova(0x0030_1000),
+                Iova(0x0030_2000),
+                Iova(0x0030_3000),
+            ],
         };
         let v = encode_input(&c);
         assert_eq!(v.len(), 0x130);
@@ -162,12 +175,18 @@ mod tests {
             max_count: 64,
         });
         assert_eq!(v.len(), 0x110);
-        assert_eq!(&v[0..0x10], &[0x04, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x85, 0, 0, 0, 0x03]);
+        assert_eq!(
+            &v[0..0x10],
+            &[0x04, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x85, 0, 0, 0, 0x03]
+        );
         assert_eq!(&v[0x20..0x24], &[0x0F, 0xFF, 0x00, 0x40]);
     }
 
     #[test]
     fn destroy_cq_golden() {
-        assert_eq!(encode_input(&DestroyCq(0x85)), [0x04, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x85, 0, 0, 0, 0]);
+        assert_eq!(
+            encode_input(&DestroyCq(0x85)),
+            [0x04, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x85, 0, 0, 0, 0]
+        );
     }
 }

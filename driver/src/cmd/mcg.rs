@@ -57,7 +57,10 @@ mod tests {
         mgid[1] = 0x12;
         mgid[15] = 0x01;
         let a = encode_input(&AttachMcg { qpn: 0x48, mgid });
-        assert_eq!(&a[..0x10], &[0x08, 0x06, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x48, 0, 0, 0, 0]);
+        assert_eq!(
+            &a[..0x10],
+            &[0x08, 0x06, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x48, 0, 0, 0, 0]
+        );
         assert_eq!(&a[0x10..], &mgid);
         let d = encode_input(&DetachMcg { qpn: 0x48, mgid });
         assert_eq!(&d[..4], &[0x08, 0x07, 0, 0]);

@@ -286,7 +286,9 @@ mod tests {
     #[test]
     fn transitions_golden() {
         let mut c = QpContext::default();
-        c.set(qpc::PKEY_INDEX, 0).set(qpc::VHCA_PORT_NUM, 1).set(qpc::Q_KEY, 0x8001_0000);
+        c.set(qpc::PKEY_INDEX, 0)
+            .set(qpc::VHCA_PORT_NUM, 1)
+            .set(qpc::Q_KEY, 0x8001_0000);
         let m = ModifyQp {
             transition: Transition::Init2Rtr,
             qpn: 0x48,
@@ -294,17 +296,30 @@ mod tests {
             qpc: c,
         };
         let v = encode_input(&m);
-        assert_eq!(&v[0..0x18], &[
-            0x05, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x48, 0, 0, 0, 0, 0, 0, 0, 0x30, 0, 0, 0, 0
-        ]);
+        assert_eq!(
+            &v[0..0x18],
+            &[
+                0x05, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x48, 0, 0, 0, 0, 0, 0, 0, 0x30, 0, 0, 0, 0
+            ]
+        );
         // vhca_port_num at qpc 0x3C bits 23:16; q_key at qpc 0xA8.
         assert_eq!(&v[0x18 + 0x3C..0x18 + 0x40], &[0, 0x01, 0, 0]);
         assert_eq!(&v[0x18 + 0xA8..0x18 + 0xAC], &[0x80, 0x01, 0, 0]);
-        for (t, op) in [(Transition::Rst2Init, 0x02), (Transition::Rtr2Rts, 0x04), (Transition::Rts2Rts, 0x05)] {
-            let v = encode_input(&ModifyQp { transition: t, ..m.clone() });
+        for (t, op) in [
+            (Transition::Rst2Init, 0x02),
+            (Transition::Rtr2Rts, 0x04),
+            (Transition::Rts2Rts, 0x05),
+        ] {
+            let v = encode_input(&ModifyQp {
+                transition: t,
+                ..m.clone()
+            });
             assert_eq!(&v[0..2], &[0x05, op]);
         }
-        assert_eq!(encode_input(&QpToErr(0x48))[..12], [0x05, 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x48]);
+        assert_eq!(
+            encode_input(&QpToErr(0x48))[..12],
+            [0x05, 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x48]
+        );
         assert_eq!(encode_input(&QpToRst(0x48))[..2], [0x05, 0x0A]);
         assert_eq!(encode_input(&DestroyQp(0x48))[..2], [0x05, 0x01]);
     }

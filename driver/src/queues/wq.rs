@@ -13,7 +13,11 @@ pub struct SqRing {
 impl SqRing {
     /// A fresh ring.
     pub fn new(log_size: u8) -> SqRing {
-        SqRing { log_size, pc: 0, cc: 0 }
+        SqRing {
+            log_size,
+            pc: 0,
+            cc: 0,
+        }
     }
 
     /// Basic blocks in the ring.
@@ -76,7 +80,11 @@ pub struct RqRing {
 impl RqRing {
     /// A fresh ring.
     pub fn new(log_size: u8) -> RqRing {
-        RqRing { log_size, head: 0, tail: 0 }
+        RqRing {
+            log_size,
+            head: 0,
+            tail: 0,
+        }
     }
 
     /// WQEs in the ring.

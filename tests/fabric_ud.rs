@@ -1,0 +1,136 @@
+//! UD traffic between two HCAs on the in-process fabric: unicast,
+//! multicast, Q_Key and P_Key violations, a bad lkey, and a clean teardown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ipoib_sim::{Fabric, FabricConfig};
+use ipoib_tests::node::{Node, RX_BUF, TX_AREA};
+use mlx5_driver::layout::cqe::{CqeError, opcode};
+use mlx5_driver::layout::wqe::{AddressVector, Grh, Sge};
+
+const QKEY: u32 = 0x0000_0B1B;
+
+fn pair() -> (Fabric, Node, Node) {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let a = Node::new(&fabric, 0x0002_c903_0000_0a00, QKEY);
+    let b = Node::new(&fabric, 0x0002_c903_0000_0b00, QKEY);
+    (fabric, a, b)
+}
+
+fn send(n: &mut Node, av: &AddressVector, payload: &[u8], lkey: Option<u32>) {
+    n.mem.write(TX_AREA, payload);
+    let sge = Sge {
+        addr: n.mem.iova_at(TX_AREA).0,
+        len: payload.len() as u32,
+        lkey: lkey.unwrap_or(n.hca.lkey()),
+    };
+    n.qp.post_send_ud(av, &[sge], true).unwrap();
+    n.qp.ring_sq(n.hca.transport());
+}
+
+#[test]
+fn unicast_multicast_and_violations() {
+    let (fabric, mut a, mut b) = pair();
+    assert_ne!(a.lid, 0);
+    assert_ne!(a.lid, b.lid);
+    assert_eq!(a.lid, 2, "the SM hands out LIDs from 2");
+
+    // Unicast a -> b.
+    let to_b = AddressVector {
+        dqpn: b.qp.qpn(),
+        qkey: QKEY,
+        dlid: b.lid,
+        ..AddressVector::default()
+    };
+    let msg = b"\x08\x00\x00\x00hello over InfiniBand";
+    send(&mut a, &to_b, msg, None);
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    assert_eq!(sc.len(), 1);
+    assert_eq!(sc[0].opcode, opcode::REQ);
+    assert_eq!(sc[0].qpn, a.qp.qpn());
+    a.qp.send_done(sc[0].wqe_counter);
+    let rc = b.wait_cqes(true, 1, Duration::from_secs(2));
+    assert_eq!(rc.len(), 1, "b received");
+    let c = rc[0];
+    assert_eq!(c.opcode, opcode::RESP_SEND);
+    assert_eq!(c.byte_cnt as usize, 40 + msg.len());
+    assert_eq!(c.src_qpn, a.qp.qpn());
+    assert_eq!(c.slid, a.lid);
+    assert!(!c.grh);
+    let mut got = vec![0u8; msg.len()];
+    b.mem.read(40, &mut got);
+    assert_eq!(&got, msg);
+    b.qp.recv_done();
+
+    // Multicast: both attached, a sends; b gets it with a GRH, a does not
+    // see its own packet (block_lb_mc).
+    let mut mgid = [0u8; 16];
+    mgid[..4].copy_from_slice(&[0xff, 0x12, 0x40, 0x1b]);
+    mgid[4..6].copy_from_slice(&[0xff, 0xff]);
+    mgid[12..].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    a.qp.attach(&mut a.hca, mgid).unwrap();
+    b.qp.attach(&mut b.hca, mgid).unwrap();
+    let to_group = AddressVector {
+        dqpn: 0xFF_FFFF,
+        qkey: QKEY,
+        dlid: 0xC001,
+        grh: Some(Grh {
+            dgid: mgid,
+            hop_limit: 1,
+            ..Grh::default()
+        }),
+        ..AddressVector::default()
+    };
+    send(&mut a, &to_group, b"\x08\x06\x00\x00arp?", None);
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    a.qp.send_done(sc[0].wqe_counter);
+    let rc = b.wait_cqes(true, 1, Duration::from_secs(2));
+    assert_eq!(rc.len(), 1);
+    assert!(rc[0].grh, "multicast carries a GRH");
+    let mut grh = [0u8; 40];
+    b.mem.read(RX_BUF, &mut grh);
+    assert_eq!(grh[0] >> 4, 6);
+    assert_eq!(&grh[24..40], &mgid, "DGID in the GRH area");
+    b.qp.recv_done();
+    assert!(
+        a.wait_cqes(true, 1, Duration::from_millis(100)).is_empty(),
+        "no loopback"
+    );
+    a.qp.detach(&mut a.hca, mgid).unwrap();
+    b.qp.detach(&mut b.hca, mgid).unwrap();
+
+    // Wrong Q_Key: dropped at b and counted.
+    let before = b.dev.report();
+    send(
+        &mut a,
+        &AddressVector {
+            qkey: 0x1234,
+            ..to_b
+        },
+        b"x",
+        None,
+    );
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    a.qp.send_done(sc[0].wqe_counter);
+    assert!(b.wait_cqes(true, 1, Duration::from_millis(100)).is_empty());
+    let after = b.dev.report();
+    assert_eq!(after.dp.rx_qkey_drops, before.dp.rx_qkey_drops + 1);
+
+    // Bad lkey: the device's local protection error, QP to ERR.
+    send(&mut a, &to_b, b"y", Some(0xDEAD_BE00));
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    assert_eq!(sc.len(), 1);
+    assert_eq!(sc[0].opcode, opcode::REQ_ERR);
+    assert_eq!(sc[0].error, Some(CqeError::LocalProtection));
+
+    assert_eq!(fabric.stats().dropped_no_route, 0);
+    for n in [a, b] {
+        let (r, rep) = n.finish();
+        assert!(r.clean(), "{r:?}");
+        assert_eq!(rep.mappings, 0);
+        assert_eq!(rep.objects_alive, 0);
+        assert_eq!(rep.fw.objects_at_teardown, 0);
+    }
+}
