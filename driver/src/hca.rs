@@ -163,6 +163,9 @@ pub enum HcaError {
     /// No MSI-X vectors.
     #[error("the function has no MSI-X vectors")]
     NoMsix,
+    /// Posting work failed.
+    #[error(transparent)]
+    Post(#[from] crate::verbs::PostError),
 }
 
 /// Bring-up failure: the step, the cause and what teardown found.

@@ -18,6 +18,7 @@ pub mod layout;
 pub mod pages;
 pub mod queues;
 pub mod regs;
+pub mod sa;
 pub mod transport;
 pub mod verbs;
 
