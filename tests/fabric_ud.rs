@@ -19,6 +19,24 @@ fn pair() -> (Fabric, Node, Node) {
     (fabric, a, b)
 }
 
+/// Joins `mgid` as a full member through the SA; returns the MLID.
+fn join(n: &mut Node, mgid: [u8; 16]) -> u16 {
+    let mut gsi = mlx5_driver::sa::Gsi::new(&mut n.hca, 1).unwrap();
+    let dest = mlx5_driver::sa::MadDest {
+        dlid: n.sm_lid,
+        dqpn: 1,
+        sl: 0,
+    };
+    let req = mlx5_driver::sa::mc_join(mgid, n.gid, 0xFFFF, mlx5_driver::sa::join::FULL, None);
+    let resp = gsi
+        .transact(&mut n.hca, req, dest, Duration::from_millis(500), 3)
+        .unwrap();
+    let r = mlx5_driver::sa::McMemberRecord::parse(&resp[56..]);
+    assert_eq!(r.qkey, QKEY, "the broadcast group's Q_Key");
+    gsi.destroy(&mut n.hca).unwrap();
+    r.mlid
+}
+
 fn send(n: &mut Node, av: &AddressVector, payload: &[u8], lkey: Option<u32>) {
     n.mem.write(TX_AREA, payload);
     let sge = Sge {
@@ -64,18 +82,18 @@ fn unicast_multicast_and_violations() {
     assert_eq!(&got, msg);
     b.qp.recv_done();
 
-    // Multicast: both attached, a sends; b gets it with a GRH, a does not
-    // see its own packet (block_lb_mc).
-    let mut mgid = [0u8; 16];
-    mgid[..4].copy_from_slice(&[0xff, 0x12, 0x40, 0x1b]);
-    mgid[4..6].copy_from_slice(&[0xff, 0xff]);
-    mgid[12..].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    // Multicast: both join the broadcast group through the SA and attach;
+    // a sends; b gets it with a GRH, a does not see its own packet
+    // (block_lb_mc).
+    let mgid = ipoib_sim::sm::broadcast_mgid(0x7FFF, 2);
+    let mlid = join(&mut a, mgid);
+    assert_eq!(join(&mut b, mgid), mlid);
     a.qp.attach(&mut a.hca, mgid).unwrap();
     b.qp.attach(&mut b.hca, mgid).unwrap();
     let to_group = AddressVector {
         dqpn: 0xFF_FFFF,
         qkey: QKEY,
-        dlid: 0xC001,
+        dlid: mlid,
         grh: Some(Grh {
             dgid: mgid,
             hop_limit: 1,

@@ -79,6 +79,10 @@ pub mod node {
         pub mem: DmaBuffer,
         /// LID the SM assigned.
         pub lid: u16,
+        /// Port GID 0.
+        pub gid: [u8; 16],
+        /// SM LID.
+        pub sm_lid: u16,
     }
 
     /// Offset of the send area in `mem`.
@@ -124,6 +128,12 @@ pub mod node {
             .expect("UD QP");
             qp.activate_datagram(&mut hca).expect("RTS");
             let mem = hca.alloc_dma(TX_AREA + 65536).expect("buffers");
+            let guids = hca.smp(1, attr::GUID_INFO, 0).expect("GUIDInfo");
+            let mut gid = [0u8; 16];
+            gid[..8].copy_from_slice(&pi.gid_prefix.to_be_bytes());
+            gid[8..].copy_from_slice(
+                &mlx5_driver::layout::smp::guid_info_entry(&guids, 0).to_be_bytes(),
+            );
             let mut n = Node {
                 dev,
                 hca,
@@ -132,6 +142,8 @@ pub mod node {
                 qp,
                 mem,
                 lid: pi.lid,
+                gid,
+                sm_lid: pi.sm_lid,
             };
             for i in 0..RX_BUFS {
                 n.post_rx(i);

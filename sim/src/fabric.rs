@@ -15,8 +15,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::hca::DeviceInbox;
+use crate::hca::{DeviceInbox, PortConfig};
 use crate::pcap::PcapWriter;
+use crate::sm::{self, Partition, SmState, port_gid, sa_status};
 use crate::wire;
 
 /// LID of the subnet manager.
@@ -31,6 +32,8 @@ pub struct FabricConfig {
     pub pcap: Option<PathBuf>,
     /// Seed for the fault injector.
     pub seed: u64,
+    /// Partitions (empty: the default partition only).
+    pub partitions: Vec<Partition>,
 }
 
 impl Default for FabricConfig {
@@ -39,6 +42,7 @@ impl Default for FabricConfig {
             mtu: 4096,
             pcap: None,
             seed: 1,
+            partitions: Vec::new(),
         }
     }
 }
@@ -79,11 +83,16 @@ pub struct FabricStats {
     pub corrupted: u64,
     /// Written to the capture.
     pub captured: u64,
+    /// SA requests answered.
+    pub sa_requests: u64,
+    /// Packets to the SM that were not SA requests.
+    pub sa_dropped: u64,
 }
 
 #[derive(Debug)]
 struct Port {
     inbox: DeviceInbox,
+    guid: u64,
     lid: u16,
     up: bool,
     admin_up: bool,
@@ -100,6 +109,7 @@ struct State {
     rng: u64,
     held: Option<Vec<u8>>,
     stats: FabricStats,
+    sm: SmState,
 }
 
 /// A fabric shared by the HCAs attached to it.
@@ -134,6 +144,7 @@ impl Fabric {
         };
         Ok(Fabric {
             inner: Arc::new(Mutex::new(State {
+                sm: SmState::new(cfg.partitions.clone()),
                 rng: cfg.seed | 1,
                 cfg,
                 ports: Vec::new(),
@@ -150,10 +161,11 @@ impl Fabric {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn attach(&self, inbox: DeviceInbox) -> FabricLink {
+    pub(crate) fn attach(&self, inbox: DeviceInbox, guid: u64) -> FabricLink {
         let mut st = self.state();
         st.ports.push(Port {
             inbox,
+            guid,
             lid: 0,
             up: false,
             admin_up: true,
@@ -179,23 +191,70 @@ impl Fabric {
     /// pulling and replugging the cable.
     pub fn set_link(&self, port: usize, up: bool) {
         let mut st = self.state();
-        let mtu = mtu_code(st.cfg.mtu);
         let Some(p) = st.ports.get_mut(port) else {
             return;
         };
         p.admin_up = up;
-        if up {
-            if p.up {
-                return;
-            }
-            p.up = true;
-            p.inbox
-                .port_config(p.lid, SM_LID, crate::port::state::ACTIVE, mtu);
-        } else {
-            p.up = false;
-            p.inbox
-                .port_config(p.lid, SM_LID, crate::port::state::DOWN, mtu);
+        if p.up == up || p.lid == 0 {
+            return;
         }
+        p.up = up;
+        let state = if up {
+            crate::port::state::ACTIVE
+        } else {
+            crate::port::state::DOWN
+        };
+        Self::configure(&st, port, state, false);
+    }
+
+    /// Restarts the subnet manager: client-created groups and all
+    /// memberships are lost, every port is asked to re-register.
+    pub fn restart_sm(&self) {
+        let mut st = self.state();
+        st.sm.restart();
+        for i in 0..st.ports.len() {
+            if st.ports[i].up {
+                Self::configure(&st, i, crate::port::state::ACTIVE, true);
+            }
+        }
+    }
+
+    /// Replaces the partitions; ports get their new P_Key tables.
+    pub fn set_partitions(&self, partitions: Vec<Partition>) {
+        let mut st = self.state();
+        let groups = std::mem::take(&mut st.sm.groups);
+        st.sm = SmState::new(partitions);
+        for (k, g) in groups {
+            st.sm.groups.entry(k).or_insert(g);
+        }
+        for i in 0..st.ports.len() {
+            st.ports[i].pkeys = st.sm.pkey_table(st.ports[i].guid);
+            if st.ports[i].up {
+                Self::configure(&st, i, crate::port::state::ACTIVE, false);
+            }
+        }
+    }
+
+    /// Multicast groups the SA knows, as (MGID, MLID, member count).
+    pub fn groups(&self) -> Vec<([u8; 16], u16, usize)> {
+        self.state()
+            .sm
+            .groups
+            .values()
+            .map(|g| (g.mgid, g.mlid, g.members.len()))
+            .collect()
+    }
+
+    fn configure(st: &State, port: usize, state: u8, reregister: bool) {
+        let Some(p) = st.ports.get(port) else { return };
+        p.inbox.port_config(PortConfig {
+            lid: p.lid,
+            sm_lid: SM_LID,
+            state,
+            mtu: mtu_code(st.cfg.mtu),
+            pkeys: p.pkeys.clone(),
+            reregister,
+        });
     }
 
     /// Flushes the capture file.
@@ -203,6 +262,240 @@ impl Fabric {
         if let Some(p) = self.state().pcap.as_mut() {
             let _ = p.flush();
         }
+    }
+
+    /// Answers an SA request addressed to the SM.
+    fn sa(st: &mut State, pkt: &[u8]) {
+        let Ok((h, range)) = wire::parse(pkt) else {
+            st.stats.sa_dropped += 1;
+            return;
+        };
+        let payload = &pkt[range];
+        let Some((qkey, src_qp)) = h.deth else {
+            st.stats.sa_dropped += 1;
+            return;
+        };
+        if h.dest_qp != 1 || qkey != 0x8001_0000 || payload.len() < 256 || payload[1] != 0x03 {
+            st.stats.sa_dropped += 1;
+            return;
+        }
+        let Some(requester) = st.ports.iter().position(|p| p.up && p.lid == h.slid) else {
+            st.stats.sa_dropped += 1;
+            return;
+        };
+        let mut mad = [0u8; 256];
+        mad.copy_from_slice(&payload[..256]);
+        let (status, resp_method) = Self::sa_process(st, requester, &mut mad);
+        mad[3] = resp_method;
+        mad[4..6].copy_from_slice(&status.to_be_bytes());
+        st.stats.sa_requests += 1;
+        let reply = wire::Headers {
+            sl: 0,
+            dlid: h.slid,
+            slid: SM_LID,
+            opcode: wire::OP_UD_SEND_ONLY,
+            pkey: h.pkey,
+            dest_qp: src_qp,
+            deth: Some((0x8001_0000, 1)),
+            ..wire::Headers::default()
+        };
+        let out = wire::build(&reply, &mad);
+        if let Some(w) = st.pcap.as_mut()
+            && w.write(&out).is_ok()
+        {
+            st.stats.captured += 1;
+        }
+        Self::route(st, out);
+    }
+
+    /// Processes one SA MAD in place; returns (status, response method).
+    fn sa_process(st: &mut State, requester: usize, mad: &mut [u8; 256]) -> (u16, u8) {
+        let method = mad[3];
+        let attr = u16::from_be_bytes([mad[16], mad[17]]);
+        let mask = u64::from_be_bytes(mad[48..56].try_into().unwrap_or([0; 8]));
+        let resp = if method == 0x15 { 0x95 } else { 0x81 };
+        let guid = st.ports[requester].guid;
+        let table = st.ports[requester].pkeys.clone();
+        let has_pkey = |tbl: &[u16], pk: u16| tbl.iter().any(|&p| p & 0x7FFF == pk & 0x7FFF);
+        match (method, attr) {
+            (0x01, 0x0035) => {
+                let d = &mad[56..120];
+                let dgid: [u8; 16] = d[8..24].try_into().unwrap_or([0; 16]);
+                let dlid = u16::from_be_bytes([d[40], d[41]]);
+                let dst = if mask & (1 << 2) != 0 {
+                    let prefix = u64::from_be_bytes(dgid[..8].try_into().unwrap_or([0; 8]));
+                    let g = u64::from_be_bytes(dgid[8..].try_into().unwrap_or([0; 8]));
+                    if prefix != sm::SUBNET_PREFIX {
+                        return (sa_status::NO_RECORDS, resp);
+                    }
+                    st.ports.iter().find(|p| p.guid == g && p.up)
+                } else if mask & (1 << 4) != 0 {
+                    st.ports.iter().find(|p| p.lid == dlid && p.up)
+                } else {
+                    return (sa_status::INSUFFICIENT_COMPONENTS, resp);
+                };
+                let Some(dst) = dst else {
+                    return (sa_status::NO_RECORDS, resp);
+                };
+                let want = u16::from_be_bytes([d[50], d[51]]);
+                let pkey = if mask & (1 << 13) != 0 { want } else { 0xFFFF };
+                if !has_pkey(&table, pkey) || !has_pkey(&dst.pkeys, pkey) {
+                    return (sa_status::NO_RECORDS, resp);
+                }
+                let tclass = d[48];
+                let mut r = [0u8; 64];
+                r[8..24].copy_from_slice(&port_gid(dst.guid));
+                r[24..40].copy_from_slice(&port_gid(guid));
+                r[40..42].copy_from_slice(&dst.lid.to_be_bytes());
+                r[42..44].copy_from_slice(&st.ports[requester].lid.to_be_bytes());
+                r[48] = tclass;
+                r[49] = 0x80 | 1; // reversible, one path
+                r[50..52].copy_from_slice(&(pkey | 0x8000 & pkey).to_be_bytes());
+                r[54] = 0x80 | mtu_code(st.cfg.mtu); // exactly
+                r[55] = 0x80 | 7; // exactly 40 Gb/s
+                r[56] = 0x80 | 18; // packet lifetime
+                mad[56..120].copy_from_slice(&r);
+                (0, resp)
+            }
+            (0x02 | 0x15, 0x0038) => {
+                let d: [u8; 52] = mad[56..108].try_into().unwrap_or([0; 52]);
+                let mgid: [u8; 16] = d[0..16].try_into().unwrap_or([0; 16]);
+                let pgid: [u8; 16] = d[16..32].try_into().unwrap_or([0; 16]);
+                let join_state = d[48] & 0x0F;
+                if mask & 0b11 != 0b11 || mask & (1 << 16) == 0 || join_state == 0 {
+                    return (sa_status::INSUFFICIENT_COMPONENTS, resp);
+                }
+                if pgid != port_gid(guid) || mgid[0] != 0xFF {
+                    return (sa_status::INVALID_GID, resp);
+                }
+                let out = if method == 0x02 {
+                    Self::mc_join(st, &table, &d, mask, mgid, pgid, join_state)
+                } else {
+                    Self::mc_leave(st, mgid, pgid, join_state)
+                };
+                match out {
+                    Ok(r) => {
+                        mad[56..108].copy_from_slice(&r);
+                        (0, resp)
+                    }
+                    Err(s) => (s, resp),
+                }
+            }
+            _ => (sa_status::UNSUPPORTED, resp),
+        }
+    }
+
+    fn group_record(g: &sm::Group, pgid: [u8; 16], js: u8) -> [u8; 52] {
+        let mut r = [0u8; 52];
+        r[0..16].copy_from_slice(&g.mgid);
+        r[16..32].copy_from_slice(&pgid);
+        r[32..36].copy_from_slice(&g.qkey.to_be_bytes());
+        r[36..38].copy_from_slice(&g.mlid.to_be_bytes());
+        r[38] = 0x80 | g.mtu;
+        r[39] = g.tclass;
+        r[40..42].copy_from_slice(&g.pkey.to_be_bytes());
+        r[42] = 0x80 | g.rate;
+        r[43] = 0x80 | 18;
+        let w = (u32::from(g.sl) << 28) | ((g.flow_label & 0xF_FFFF) << 8) | u32::from(g.hop_limit);
+        r[44..48].copy_from_slice(&w.to_be_bytes());
+        r[48] = (g.scope << 4) | (js & 0x0F);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mc_join(
+        st: &mut State,
+        table: &[u16],
+        d: &[u8; 52],
+        mask: u64,
+        mgid: [u8; 16],
+        pgid: [u8; 16],
+        js: u8,
+    ) -> Result<[u8; 52], u16> {
+        let pkey = u16::from_be_bytes([d[40], d[41]]);
+        let qkey = u32::from_be_bytes([d[32], d[33], d[34], d[35]]);
+        if let Some(g) = st.sm.groups.get_mut(&mgid) {
+            if mask & (1 << 7) != 0 && pkey & 0x7FFF != g.pkey & 0x7FFF {
+                return Err(sa_status::REQ_INVALID);
+            }
+            if mask & (1 << 2) != 0 && qkey != g.qkey {
+                return Err(sa_status::REQ_INVALID);
+            }
+            if mask & (1 << 5) != 0 && d[38] >> 6 == 2 && d[38] & 0x3F != g.mtu {
+                return Err(sa_status::REQ_INVALID);
+            }
+            if !table.iter().any(|&p| p & 0x7FFF == g.pkey & 0x7FFF) {
+                return Err(sa_status::REQ_INVALID);
+            }
+            let e = g.members.entry(pgid).or_insert(0);
+            *e |= js;
+            let now = *e;
+            return Ok(Self::group_record(g, pgid, now));
+        }
+        // Creating a group needs the parameters (IPoIB supplies them from
+        // the broadcast group) and a full or send-only-full member.
+        let need = (1 << 2) | (1 << 6) | (1 << 7) | (1 << 12) | (1 << 13);
+        if mask & need != need {
+            return Err(sa_status::INSUFFICIENT_COMPONENTS);
+        }
+        if js & (sm_join::FULL | sm_join::SEND_ONLY_FULL) == 0 {
+            return Err(sa_status::REQ_INVALID);
+        }
+        if !table.iter().any(|&p| p & 0x7FFF == pkey & 0x7FFF) {
+            return Err(sa_status::REQ_INVALID);
+        }
+        let w = u32::from_be_bytes([d[44], d[45], d[46], d[47]]);
+        let mtu = if mask & (1 << 5) != 0 {
+            d[38] & 0x3F
+        } else {
+            mtu_code(st.cfg.mtu)
+        };
+        if mtu > mtu_code(st.cfg.mtu) || mtu == 0 {
+            return Err(sa_status::REQ_INVALID);
+        }
+        let mlid = st.sm_alloc_mlid();
+        let mut g = sm::Group {
+            mgid,
+            mlid,
+            qkey,
+            mtu,
+            rate: if mask & (1 << 9) != 0 {
+                d[42] & 0x3F
+            } else {
+                3
+            },
+            sl: (w >> 28) as u8,
+            tclass: d[39],
+            flow_label: (w >> 8) & 0xF_FFFF,
+            hop_limit: w as u8,
+            pkey: pkey | 0x8000,
+            scope: mgid[1] & 0x0F,
+            members: Default::default(),
+            permanent: false,
+        };
+        g.members.insert(pgid, js);
+        let r = Self::group_record(&g, pgid, js);
+        st.sm.groups.insert(mgid, g);
+        Ok(r)
+    }
+
+    fn mc_leave(st: &mut State, mgid: [u8; 16], pgid: [u8; 16], js: u8) -> Result<[u8; 52], u16> {
+        let Some(g) = st.sm.groups.get_mut(&mgid) else {
+            return Err(sa_status::REQ_INVALID);
+        };
+        let Some(cur) = g.members.get_mut(&pgid) else {
+            return Err(sa_status::REQ_INVALID);
+        };
+        *cur &= !js;
+        let left = *cur;
+        if left == 0 {
+            g.members.remove(&pgid);
+        }
+        let r = Self::group_record(g, pgid, left);
+        if g.members.is_empty() && !g.permanent {
+            st.sm.groups.remove(&mgid);
+        }
+        Ok(r)
     }
 
     fn next_rand(st: &mut State) -> u32 {
@@ -232,18 +525,32 @@ impl Fabric {
             st.stats.dropped_mtu += 1;
             return;
         }
+        if dlid == SM_LID {
+            return Self::sa(st, &pkt);
+        }
         let multicast = dlid >= wire::MCAST_LID_BASE && dlid != wire::PERMISSIVE_LID;
+        let receivers: Vec<u64> = if multicast {
+            st.sm
+                .receivers(dlid)
+                .iter()
+                .map(|g| u64::from_be_bytes([g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]]))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let pkey_ok = |tbl: &[u16]| {
             tbl.iter()
                 .any(|&p| p & 0x7FFF == pkey & 0x7FFF && (p | pkey) & 0x8000 != 0)
         };
         let mut delivered = 0;
         let mut pkey_drop = false;
-        for p in st
-            .ports
-            .iter()
-            .filter(|p| p.up && (multicast || p.lid == dlid))
-        {
+        for p in st.ports.iter().filter(|p| {
+            p.up && if multicast {
+                receivers.contains(&p.guid)
+            } else {
+                p.lid == dlid
+            }
+        }) {
             if !pkey_ok(&p.pkeys) {
                 pkey_drop = true;
                 continue;
@@ -259,6 +566,22 @@ impl Fabric {
             }
         }
         st.stats.delivered += delivered;
+    }
+}
+
+/// JoinState bits the SA checks.
+mod sm_join {
+    pub const FULL: u8 = 1 << 0;
+    pub const SEND_ONLY_FULL: u8 = 1 << 3;
+}
+
+impl State {
+    fn sm_alloc_mlid(&mut self) -> u16 {
+        let used: std::collections::BTreeSet<u16> =
+            self.sm.groups.values().map(|g| g.mlid).collect();
+        (sm::MLID_BASE..0xFFFF)
+            .find(|m| !used.contains(m))
+            .unwrap_or(sm::MLID_BASE)
     }
 }
 
@@ -305,26 +628,28 @@ impl FabricLink {
     /// activates the port.
     pub(crate) fn link_up(&self) {
         let mut st = self.fabric.state();
-        let mtu = mtu_code(st.cfg.mtu);
-        let lid = match st.ports.get(self.port) {
-            Some(p) if p.lid != 0 => p.lid,
-            Some(_) => {
-                let l = st.next_lid;
-                st.next_lid += 1;
-                l
-            }
-            None => return,
+        let Some(p) = st.ports.get(self.port) else {
+            return;
         };
+        let (lid, guid) = (p.lid, p.guid);
+        let lid = if lid != 0 {
+            lid
+        } else {
+            let l = st.next_lid;
+            st.next_lid += 1;
+            l
+        };
+        let pkeys = st.sm.pkey_table(guid);
         let Some(p) = st.ports.get_mut(self.port) else {
             return;
         };
         p.lid = lid;
+        p.pkeys = pkeys;
         if !p.admin_up {
             return;
         }
         p.up = true;
-        p.inbox
-            .port_config(lid, SM_LID, crate::port::state::ACTIVE, mtu);
+        Fabric::configure(&st, self.port, crate::port::state::ACTIVE, false);
     }
 
     /// The HCA's link went down (TEARDOWN_HCA, reset).

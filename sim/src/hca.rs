@@ -116,26 +116,11 @@ pub struct SimReport {
 
 enum Msg {
     CmdDoorbell(u32),
-    EqDoorbell {
-        uar: u32,
-        value: u32,
-        arm: bool,
-    },
-    CqDoorbell {
-        uar: u32,
-        value: u64,
-    },
-    SqDoorbell {
-        uar: u32,
-        value: u64,
-    },
+    EqDoorbell { uar: u32, value: u32, arm: bool },
+    CqDoorbell { uar: u32, value: u64 },
+    SqDoorbell { uar: u32, value: u64 },
     Packet(Vec<u8>),
-    PortConfig {
-        lid: u16,
-        sm_lid: u16,
-        state: u8,
-        mtu: u8,
-    },
+    PortConfig(PortConfig),
     Connect(crate::fabric::FabricLink),
     Reset(Sender<()>),
     Report(Sender<SimReport>),
@@ -214,6 +199,24 @@ impl Shared {
     }
 }
 
+/// What the subnet manager sets in a port (the effect of its
+/// SubnSet(PortInfo) and SubnSet(P_KeyTable) on the HCA's agent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Base LID.
+    pub lid: u16,
+    /// SM LID.
+    pub sm_lid: u16,
+    /// Port state.
+    pub state: u8,
+    /// Active MTU code.
+    pub mtu: u8,
+    /// P_Key table.
+    pub pkeys: Vec<u16>,
+    /// Ask the port's clients to re-register (SM restart).
+    pub reregister: bool,
+}
+
 /// Where the fabric delivers packets and port configuration for one HCA.
 #[derive(Clone, Debug)]
 pub struct DeviceInbox(Sender<Msg>);
@@ -229,13 +232,8 @@ impl DeviceInbox {
         let _ = self.0.send(Msg::Packet(p));
     }
 
-    pub(crate) fn port_config(&self, lid: u16, sm_lid: u16, state: u8, mtu: u8) {
-        let _ = self.0.send(Msg::PortConfig {
-            lid,
-            sm_lid,
-            state,
-            mtu,
-        });
+    pub(crate) fn port_config(&self, c: PortConfig) {
+        let _ = self.0.send(Msg::PortConfig(c));
     }
 }
 
@@ -301,7 +299,7 @@ impl SimHca {
     /// port once INIT_HCA brings the link up.
     pub fn connect(&self, fabric: &crate::fabric::Fabric) {
         let inbox = DeviceInbox(lock(&self.tx).clone());
-        let link = fabric.attach(inbox);
+        let link = fabric.attach(inbox, self.shared.cfg.node_guid.wrapping_add(1));
         self.send(Msg::Connect(link));
     }
 
@@ -548,12 +546,7 @@ impl Device {
                     self.datapath(|fw, io, fx| fw.sq_doorbell(io, uar, value, fx))
                 }
                 Ok(Msg::Packet(p)) => self.datapath(|fw, io, fx| fw.receive(io, &p, fx)),
-                Ok(Msg::PortConfig {
-                    lid,
-                    sm_lid,
-                    state,
-                    mtu,
-                }) => self.port_config(lid, sm_lid, state, mtu),
+                Ok(Msg::PortConfig(c)) => self.port_config(c),
                 Ok(Msg::Connect(link)) => {
                     if self.fw.initialized() {
                         link.link_up();
@@ -627,11 +620,19 @@ impl Device {
     }
 
     /// The subnet manager configured the port (SubnSet(PortInfo)).
-    fn port_config(&mut self, lid: u16, sm_lid: u16, state: u8, mtu: u8) {
+    fn port_config(&mut self, c: PortConfig) {
         use crate::port::{phys, state as ps};
         if !self.fw.initialized() {
             return;
         }
+        let PortConfig {
+            lid,
+            sm_lid,
+            state,
+            mtu,
+            pkeys,
+            reregister,
+        } = c;
         let old = self.fw.port.clone();
         let port = &mut self.fw.port;
         port.lid = lid;
@@ -643,6 +644,12 @@ impl Device {
         } else {
             phys::LINK_UP
         };
+        let mut table = vec![0u16; port.pkeys.len()];
+        for (slot, k) in table.iter_mut().zip(pkeys) {
+            *slot = k;
+        }
+        let pkeys_changed = table != port.pkeys;
+        port.pkeys = table;
         let mut events = Vec::new();
         if state == ps::ACTIVE && old.state != ps::ACTIVE {
             events.push(4u8);
@@ -652,6 +659,12 @@ impl Device {
         }
         if old.lid != 0 && old.lid != lid {
             events.push(6);
+        }
+        if pkeys_changed && old.state == ps::ACTIVE {
+            events.push(7);
+        }
+        if reregister {
+            events.push(9);
         }
         let mut fx = Effects::default();
         {

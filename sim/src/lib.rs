@@ -24,8 +24,9 @@ pub mod iommu;
 mod pcap;
 pub mod port;
 pub mod queues;
+pub mod sm;
 pub mod wire;
 
 pub use fabric::{Fabric, FabricConfig, FabricStats};
 pub use fault::Fault;
-pub use hca::{SimConfig, SimHca, SimReport};
+pub use hca::{PortConfig, SimConfig, SimHca, SimReport};
