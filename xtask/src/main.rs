@@ -11,7 +11,10 @@ use std::time::Instant;
 
 /// Debian packages the test suites need, with a program each provides.
 /// Suites that start real third-party peers add theirs here.
-const TEST_PACKAGES: &[(&str, &str)] = &[];
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    // Decodes the fabric's InfiniBand captures (tests/fabric_sa.rs).
+    ("tshark", "tshark"),
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
