@@ -203,6 +203,15 @@ fn port_events_reach_the_driver() {
     assert!(wait_event(&mut a, PortChange::Down));
     fabric.set_link(0, true);
     assert!(wait_event(&mut a, PortChange::Active));
+    // LID reassignment.
+    fabric.set_lid(0, 0x77);
+    assert!(wait_event(&mut a, PortChange::LidChange));
+    let pi = mlx5_driver::layout::smp::PortInfo::parse(
+        &a.hca
+            .smp(1, mlx5_driver::layout::smp::attr::PORT_INFO, 1)
+            .unwrap(),
+    );
+    assert_eq!(pi.lid, 0x77);
     // SM restart: client reregister.
     fabric.restart_sm();
     assert!(wait_event(&mut a, PortChange::ClientReregister));

@@ -152,3 +152,96 @@ fn unicast_multicast_and_violations() {
         assert_eq!(rep.fw.objects_at_teardown, 0);
     }
 }
+
+/// Waits up to `within` for a completion event on `cqn`; returns when it came.
+fn completion_event(n: &mut Node, cqn: u32, within: Duration) -> Option<std::time::Instant> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        for e in n.hca.poll_events(Duration::from_millis(1)).unwrap() {
+            if e == (mlx5_driver::hca::AsyncEvent::Completion { cqn }) {
+                return Some(std::time::Instant::now());
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn cq_events_honour_arming_and_moderation() {
+    let (_fabric, mut a, mut b) = pair();
+    let to_b = AddressVector {
+        dqpn: b.qp.qpn(),
+        qkey: QKEY,
+        dlid: b.lid,
+        ..AddressVector::default()
+    };
+    let rcq = b.rcq.cqn();
+    let burst = |a: &mut Node, n: usize| {
+        for _ in 0..n {
+            send(a, &to_b, b"\x08\x00\x00\x00x", None);
+        }
+        let c = a.wait_cqes(false, n, Duration::from_secs(2));
+        assert_eq!(c.len(), n);
+        for x in c {
+            a.qp.send_done(x.wqe_counter);
+        }
+    };
+    let drain = |b: &mut Node, n: usize| {
+        let c = b.wait_cqes(true, n, Duration::from_secs(2));
+        assert_eq!(c.len(), n);
+        for _ in 0..n {
+            b.qp.recv_done();
+        }
+    };
+
+    // Not armed: completions but no event.
+    burst(&mut a, 1);
+    assert!(completion_event(&mut b, rcq, Duration::from_millis(30)).is_none());
+    drain(&mut b, 1);
+    // Armed: one event, then disarmed.
+    b.rcq.arm(b.hca.transport());
+    burst(&mut a, 1);
+    assert!(completion_event(&mut b, rcq, Duration::from_secs(1)).is_some());
+    b.rcq.event();
+    burst(&mut a, 1);
+    assert!(
+        completion_event(&mut b, rcq, Duration::from_millis(30)).is_none(),
+        "fires once per arm"
+    );
+    drain(&mut b, 2);
+    // Arming with completions already pending fires at once.
+    burst(&mut a, 1);
+    std::thread::sleep(Duration::from_millis(20));
+    b.rcq.arm(b.hca.transport());
+    assert!(completion_event(&mut b, rcq, Duration::from_secs(1)).is_some());
+    b.rcq.event();
+    drain(&mut b, 1);
+
+    // Moderation by period (cq_period is 12 bits of µs): the event waits.
+    b.rcq.moderate(&mut b.hca, 4000, 0).unwrap();
+    b.rcq.arm(b.hca.transport());
+    let t0 = std::time::Instant::now();
+    burst(&mut a, 1);
+    let fired = completion_event(&mut b, rcq, Duration::from_secs(1)).expect("period expires");
+    assert!(
+        fired - t0 >= Duration::from_micros(3500),
+        "held for the period: {:?}",
+        fired - t0
+    );
+    b.rcq.event();
+    drain(&mut b, 1);
+    // Moderation by count: nothing until the fourth completion.
+    b.rcq.moderate(&mut b.hca, 0, 4).unwrap();
+    b.rcq.arm(b.hca.transport());
+    burst(&mut a, 3);
+    assert!(completion_event(&mut b, rcq, Duration::from_millis(50)).is_none());
+    burst(&mut a, 1);
+    assert!(
+        completion_event(&mut b, rcq, Duration::from_secs(1)).is_some(),
+        "count reached"
+    );
+    drain(&mut b, 4);
+    for n in [a, b] {
+        assert!(n.finish().0.clean());
+    }
+}

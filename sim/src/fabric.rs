@@ -207,6 +207,21 @@ impl Fabric {
         Self::configure(&st, port, state, false);
     }
 
+    /// The SM gives HCA `port` a new LID (as after a subnet re-sweep).
+    pub fn set_lid(&self, port: usize, lid: u16) {
+        let mut st = self.state();
+        if lid == 0 || lid >= wire::MCAST_LID_BASE || st.ports.iter().any(|p| p.lid == lid) {
+            return;
+        }
+        let Some(p) = st.ports.get_mut(port) else {
+            return;
+        };
+        p.lid = lid;
+        if p.up {
+            Self::configure(&st, port, crate::port::state::ACTIVE, false);
+        }
+    }
+
     /// Restarts the subnet manager: client-created groups and all
     /// memberships are lost, every port is asked to re-register.
     pub fn restart_sm(&self) {

@@ -282,6 +282,30 @@ impl Firmware {
         }
     }
 
+    /// Posts an event to EQ `eqn` regardless of its mask (completion
+    /// events follow the CQ's `c_eqn`, §5.4).
+    pub fn post_to_eq(
+        &mut self,
+        iommu: &Iommu,
+        eqn: u8,
+        kind: u8,
+        sub: u8,
+        data: &[u8; 28],
+        fx: &mut Effects,
+    ) {
+        let Some(eq) = self.eqs.get_mut(&eqn) else {
+            self.stats.eq_overruns += 1;
+            return;
+        };
+        match eq.post(iommu, kind, sub, data) {
+            Posted::Written(v) => {
+                self.stats.eqes += 1;
+                fx.fire.extend(v);
+            }
+            Posted::Overrun | Posted::DmaFault => self.stats.eq_overruns += 1,
+        }
+    }
+
     /// EQ consumer doorbell written on UAR `uar`; `Err` names an EQN that
     /// does not exist or is not served by that UAR.
     pub fn eq_doorbell(&mut self, uar: u32, value: u32, arm: bool) -> Result<Option<u16>, u8> {

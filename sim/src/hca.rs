@@ -536,7 +536,18 @@ impl Device {
 
     fn run(mut self) {
         loop {
-            match self.rx.recv_timeout(Duration::from_millis(50)) {
+            let wait = self
+                .fw
+                .next_cq_deadline()
+                .map_or(Duration::from_millis(50), |d| {
+                    d.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(50))
+                });
+            let msg = self.rx.recv_timeout(wait);
+            if self.fw.next_cq_deadline().is_some() {
+                self.datapath(|fw, io, fx| fw.cq_timers(io, Instant::now(), fx));
+            }
+            match msg {
                 Ok(Msg::CmdDoorbell(mask)) => self.doorbell(mask),
                 Ok(Msg::EqDoorbell { uar, value, arm }) => self.eq_doorbell(uar, value, arm),
                 Ok(Msg::CqDoorbell { uar, value }) => {

@@ -11,6 +11,7 @@
 //! mismatches are dropped and counted in the port's violation counters.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use crate::bytes::{dword, field, qword, set_dword, set_word};
 use crate::fw::{Effects, Fail, Firmware, Reason, fail, status};
@@ -65,6 +66,28 @@ pub struct SimCq {
     armed: Option<u32>,
     period: u32,
     max_count: u32,
+    /// Eligible CQEs since the CQ was armed (moderation count).
+    mod_count: u32,
+    /// Moderation timer, started by the first eligible CQE.
+    mod_deadline: Option<Instant>,
+}
+
+impl SimCq {
+    fn moderated(&self) -> bool {
+        self.max_count > 1 || self.period > 0
+    }
+
+    /// Counts `n` eligible completions; says whether the event is due now.
+    fn moderate(&mut self, n: u32, now: Instant) -> bool {
+        self.mod_count += n;
+        if !self.moderated() || (self.max_count > 0 && self.mod_count >= self.max_count) {
+            return true;
+        }
+        if self.period > 0 && self.mod_deadline.is_none() {
+            self.mod_deadline = Some(now + Duration::from_micros(u64::from(self.period)));
+        }
+        false
+    }
 }
 
 /// QP states (qpc encoding).
@@ -219,6 +242,8 @@ impl Firmware {
                         armed: None,
                         period: field(i, CQC + 0x10, 27, 16),
                         max_count: field(i, CQC + 0x10, 15, 0),
+                        mod_count: 0,
+                        mod_deadline: None,
                     },
                 );
                 crate::bytes::set_field(o, 0x08, 23, 0, cqn);
@@ -546,19 +571,46 @@ impl Firmware {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         let _ = iommu.write(at + 0x3F, &[(opcode << 4) | owner]);
         cq.pc = cq.pc.wrapping_add(1);
-        let fire = match cq.armed {
+        let eligible = match cq.armed {
             Some(0) => true,
             Some(1) => urgent,
             _ => false,
         };
-        if fire {
-            cq.armed = None;
-            let eqn = cq.eqn;
-            let _ = eqn;
-            let mut d = [0u8; 28];
-            set_dword(&mut d, 0x18, cqn);
-            self.post_event(iommu, 0x00, 0, &d, fx);
+        if eligible && cq.moderate(1, Instant::now()) {
+            self.fire_cq(iommu, cqn, fx);
         }
+    }
+
+    /// Raises the completion event of `cqn` and disarms it.
+    fn fire_cq(&mut self, iommu: &Iommu, cqn: u32, fx: &mut Effects) {
+        let Some(cq) = self.cqs.get_mut(&cqn) else {
+            return;
+        };
+        cq.armed = None;
+        cq.mod_count = 0;
+        cq.mod_deadline = None;
+        let eqn = cq.eqn as u8;
+        let mut d = [0u8; 28];
+        set_dword(&mut d, 0x18, cqn);
+        self.post_to_eq(iommu, eqn, 0x00, 0, &d, fx);
+    }
+
+    /// Fires the CQ events whose moderation period has run out.
+    pub(crate) fn cq_timers(&mut self, iommu: &Iommu, now: Instant, fx: &mut Effects) {
+        let due: Vec<u32> = self
+            .cqs
+            .iter()
+            .filter(|(_, c)| c.mod_deadline.is_some_and(|d| d <= now))
+            .map(|(&n, _)| n)
+            .collect();
+        for cqn in due {
+            self.fire_cq(iommu, cqn, fx);
+        }
+    }
+
+    /// The earliest moderation deadline.
+    pub(crate) fn next_cq_deadline(&self) -> Option<Instant> {
+        self.cqs.values().filter_map(|c| c.mod_deadline).min()
     }
 
     /// The CQ arm doorbell (UAR 0x020): arm word and CQN.
@@ -576,12 +628,13 @@ impl Firmware {
         let cmd = (word >> 24) & 0xF;
         let ci = word & 0xFF_FFFF;
         cq.armed = Some(cmd);
-        // Fire at once for completions newer than the arm's consumer index.
-        if cmd == 0 && cq.pc & 0xFF_FFFF != ci {
-            cq.armed = None;
-            let mut d = [0u8; 28];
-            set_dword(&mut d, 0x18, cqn);
-            self.post_event(iommu, 0x00, 0, &d, fx);
+        cq.mod_count = 0;
+        cq.mod_deadline = None;
+        // Completions newer than the arm's consumer index count at once
+        // (the drivers' "poll, then arm" loop relies on it).
+        let pending = cq.pc.wrapping_sub(ci) & 0xFF_FFFF;
+        if cmd == 0 && pending > 0 && cq.moderate(pending, Instant::now()) {
+            self.fire_cq(iommu, cqn, fx);
         }
     }
 

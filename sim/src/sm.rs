@@ -407,7 +407,10 @@ mod tests {
         let sm = SmState::new(p);
         assert_eq!(sm.pkey_table(0x0002_c903_0000_0b01), vec![0xFFFF, 0x8001]);
         // mgmt names its member without `=full`: limited, as in OpenSM.
-        assert_eq!(sm.pkey_table(0x0002_c903_0000_0a01), vec![0xFFFF, 0x0001, 0x0002]);
+        assert_eq!(
+            sm.pkey_table(0x0002_c903_0000_0a01),
+            vec![0xFFFF, 0x0001, 0x0002]
+        );
         assert_eq!(sm.groups.len(), 2, "two broadcast groups");
         let g = &sm.groups[&broadcast_mgid(0x0001, 2)];
         assert_eq!(g.pkey, 0x8001);
