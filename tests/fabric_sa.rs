@@ -255,6 +255,7 @@ fn pkey_violations_are_dropped_and_counted() {
             send_cq: a.scq.cqn(),
             recv_cq: a.rcq.cqn(),
             block_mc_loopback: true,
+            srq: None,
         },
     )
     .unwrap();
@@ -298,6 +299,7 @@ fn pkey_violations_are_dropped_and_counted() {
             send_cq: b.scq.cqn(),
             recv_cq: b.rcq.cqn(),
             block_mc_loopback: true,
+            srq: None,
         },
     )
     .unwrap();

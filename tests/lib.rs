@@ -123,6 +123,7 @@ pub mod node {
                     send_cq: scq.cqn(),
                     recv_cq: rcq.cqn(),
                     block_mc_loopback: true,
+                    srq: None,
                 },
             )
             .expect("UD QP");

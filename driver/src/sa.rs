@@ -684,6 +684,7 @@ impl Gsi {
                 send_cq: scq.cqn(),
                 recv_cq: rcq.cqn(),
                 block_mc_loopback: false,
+                srq: None,
             },
         )?;
         qp.activate_datagram(hca)?;

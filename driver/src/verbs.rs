@@ -163,6 +163,53 @@ pub struct QpConfig {
     pub recv_cq: u32,
     /// Do not loop back own multicast.
     pub block_mc_loopback: bool,
+    /// Receive from this SRQ (RMP number) instead of an own RQ.
+    pub srq: Option<u32>,
+}
+
+impl QpConfig {
+    /// A UD QP of `1 << log` send blocks and receive WQEs on CQs `scq`/`rcq`.
+    pub fn ud(port: u8, pkey_index: u16, qkey: u32, log: u8, scq: u32, rcq: u32) -> QpConfig {
+        QpConfig {
+            st: ServiceType::Ud,
+            port,
+            pkey_index,
+            qkey,
+            log_sq: log,
+            log_rq: log,
+            rq_sge: 1,
+            send_cq: scq,
+            recv_cq: rcq,
+            block_mc_loopback: true,
+            srq: None,
+        }
+    }
+}
+
+/// The path and transport parameters of an RC connection (from the CM
+/// exchange and the PathRecord).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RcPath {
+    /// Peer QPN.
+    pub remote_qpn: u32,
+    /// Peer LID.
+    pub dlid: u16,
+    /// Service level.
+    pub sl: u8,
+    /// Path MTU code.
+    pub mtu: u8,
+    /// First PSN we expect.
+    pub rq_psn: u32,
+    /// First PSN we send.
+    pub sq_psn: u32,
+    /// RNR NAK timer code we ask peers to wait.
+    pub min_rnr_nak: u8,
+    /// Local ACK timeout exponent (4.096 µs × 2^n).
+    pub ack_timeout: u8,
+    /// Transport retries.
+    pub retry_count: u8,
+    /// RNR retries (7 = infinite).
+    pub rnr_retry: u8,
 }
 
 /// Why a post was refused.
@@ -221,7 +268,12 @@ impl Qp {
             rq_stride *= 2;
         }
         let log_rq_stride = (rq_stride / DS).trailing_zeros();
-        let sq_offset = (1usize << cfg.log_rq) * rq_stride;
+        // An SRQ-attached QP has no RQ of its own: the SQ starts at 0.
+        let sq_offset = if cfg.srq.is_some() {
+            0
+        } else {
+            (1usize << cfg.log_rq) * rq_stride
+        };
         let len = sq_offset + (1usize << cfg.log_sq) * WQEBB;
         let buf = hca.alloc_dma(len)?;
         let dbr = match hca.alloc_dma(4096) {
@@ -251,9 +303,16 @@ impl Qp {
             .set(qpc::Q_KEY, cfg.qkey)
             .set(qpc::LOG_ACK_REQ_FREQ, 8)
             .set_dbr(dbr.iova());
+        if let Some(srqn) = cfg.srq {
+            c.set(qpc::RQ_TYPE, 1)
+                .set(qpc::SRQN, srqn)
+                .set(qpc::LOG_RQ_SIZE, 0)
+                .set(qpc::LOG_RQ_STRIDE, 0);
+        }
         let (mtu, log_msg) = match cfg.st {
             ServiceType::Gsi => (1, 8),
-            _ => (5, 12),
+            ServiceType::Rc => (5, hca.caps().get(crate::layout::caps::field::LOG_MAX_MSG)),
+            ServiceType::Ud => (5, 12),
         };
         c.set(qpc::MTU, mtu).set(qpc::LOG_MSG_MAX, log_msg);
         let pas = (0..len.div_ceil(4096))
@@ -329,6 +388,73 @@ impl Qp {
         self.modify(hca, Transition::Rtr2Rts, opt::Q_KEY)?;
         self.state = QpState::Rts;
         Ok(())
+    }
+
+    /// RESET → INIT → RTR → RTS for an RC QP connected along `p`.
+    pub fn connect_rc<T: Transport>(
+        &mut self,
+        hca: &mut Hca<T>,
+        p: &RcPath,
+    ) -> Result<(), HcaError> {
+        self.modify(hca, Transition::Rst2Init, 0)?;
+        self.state = QpState::Init;
+        self.qpc
+            .set(qpc::MTU, u32::from(p.mtu))
+            .set(qpc::REMOTE_QPN, p.remote_qpn)
+            .set(qpc::NEXT_RCV_PSN, p.rq_psn & 0xFF_FFFF)
+            .set(qpc::MIN_RNR_NAK, u32::from(p.min_rnr_nak))
+            .set(qpc::RLID, u32::from(p.dlid))
+            .set(qpc::SL, u32::from(p.sl));
+        self.modify(hca, Transition::Init2Rtr, 0)?;
+        self.state = QpState::Rtr;
+        self.qpc
+            .set(qpc::ACK_TIMEOUT, u32::from(p.ack_timeout))
+            .set(qpc::RETRY_COUNT, u32::from(p.retry_count))
+            .set(qpc::RNR_RETRY, u32::from(p.rnr_retry))
+            .set(qpc::NEXT_SEND_PSN, p.sq_psn & 0xFF_FFFF);
+        self.modify(hca, Transition::Rtr2Rts, 0)?;
+        self.state = QpState::Rts;
+        Ok(())
+    }
+
+    /// Writes an RC SEND (SEND with immediate when `imm` is given).
+    pub fn post_send_rc(
+        &mut self,
+        sges: &[Sge],
+        signaled: bool,
+        imm: Option<u32>,
+    ) -> Result<u16, PostError> {
+        let ds = 1 + sges.len();
+        if ds > 63 {
+            return Err(PostError::TooManySegments);
+        }
+        let bbs = ds.div_ceil(4) as u16;
+        let mut w = [0u8; 16 * WQEBB];
+        let flags = if signaled { wqe::CQ_UPDATE } else { 0 };
+        let (op, imm) = match imm {
+            Some(v) => (wqe::op::SEND_IMM, v),
+            None => (wqe::op::SEND, 0),
+        };
+        wqe::ctrl(&mut w, op, self.sq.pc(), self.qpn, ds as u8, flags, imm);
+        for (k, s) in sges.iter().enumerate() {
+            wqe::data(&mut w[16 + k * DS..], s.len, s.lkey, s.addr);
+        }
+        self.write_wqe(&w, bbs)
+    }
+
+    fn write_wqe(&mut self, w: &[u8], bbs: u16) -> Result<u16, PostError> {
+        let idx = self.sq.claim(bbs).ok_or(PostError::Full)?;
+        for b in 0..usize::from(bbs) {
+            let slot = usize::from(idx.wrapping_add(b as u16)) & (usize::from(self.sq.len()) - 1);
+            self.buf.write(
+                self.sq_offset + slot * WQEBB,
+                &w[b * WQEBB..(b + 1) * WQEBB],
+            );
+        }
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&w[..8]);
+        self.last_ctrl = Some(c);
+        Ok(idx)
     }
 
     /// Sets a new Q_Key with RTS2RTS.
@@ -475,6 +601,142 @@ impl Qp {
     /// Destroys the QP and frees its memory.
     pub fn destroy<T: Transport>(self, hca: &mut Hca<T>) -> Result<(), HcaError> {
         hca.exec(&DestroyQp(self.qpn))?;
+        hca.free_dma(self.buf)?;
+        hca.free_dma(self.dbr)?;
+        Ok(())
+    }
+}
+
+/// A shared receive queue (an RMP with a linked-list WQ, §7.7).
+#[derive(Debug)]
+pub struct Srq {
+    rmpn: u32,
+    buf: DmaBuffer,
+    dbr: DmaBuffer,
+    stride: usize,
+    size: u16,
+    head: u16,
+    tail: u16,
+    posted: u16,
+    max_sge: usize,
+    terminator: u32,
+}
+
+impl Srq {
+    /// Creates an SRQ of `1 << log_size` WQEs with up to `max_sge` entries each.
+    pub fn create<T: Transport>(
+        hca: &mut Hca<T>,
+        log_size: u8,
+        max_sge: u8,
+        lwm: u16,
+    ) -> Result<Srq, HcaError> {
+        let log_size = log_size.clamp(1, 16);
+        let stride = (DS + (usize::from(max_sge) + 1) * DS)
+            .next_power_of_two()
+            .max(32);
+        let size = 1u16 << log_size.min(15);
+        let len = usize::from(size) * stride;
+        let buf = hca.alloc_dma(len)?;
+        for i in 0..size {
+            let next = (i + 1) % size;
+            buf.write(usize::from(i) * stride + 2, &next.to_be_bytes());
+        }
+        let dbr = match hca.alloc_dma(4096) {
+            Ok(d) => d,
+            Err(e) => {
+                hca.free_dma(buf)?;
+                return Err(e.into());
+            }
+        };
+        let cmd = crate::cmd::srq::CreateRmp {
+            pd: hca.pd(),
+            log_size,
+            log_stride: stride.trailing_zeros() as u8,
+            lwm,
+            dbr: dbr.iova(),
+            pas: (0..len.div_ceil(4096))
+                .map(|k| buf.iova_at(k * 4096))
+                .collect(),
+        };
+        match hca.exec(&cmd) {
+            Ok(rmpn) => Ok(Srq {
+                rmpn,
+                buf,
+                dbr,
+                stride,
+                size,
+                head: 0,
+                tail: size - 1,
+                posted: 0,
+                max_sge: usize::from(max_sge),
+                terminator: hca.terminator_lkey(),
+            }),
+            Err(e) => {
+                hca.free_dma(buf)?;
+                hca.free_dma(dbr)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The RMP number (for `QpConfig::srq`).
+    pub fn rmpn(&self) -> u32 {
+        self.rmpn
+    }
+
+    fn next_of(&self, i: u16) -> u16 {
+        let mut b = [0u8; 2];
+        self.buf.read(usize::from(i) * self.stride + 2, &mut b);
+        u16::from_be_bytes(b) % self.size
+    }
+
+    /// Writes a receive WQE; returns its index (the CQE's `wqe_counter`).
+    pub fn post_recv(&mut self, sges: &[Sge]) -> Result<u16, PostError> {
+        if sges.len() > self.max_sge {
+            return Err(PostError::TooManySegments);
+        }
+        if self.head == self.tail {
+            return Err(PostError::Full);
+        }
+        let idx = self.head;
+        let base = usize::from(idx) * self.stride;
+        let mut w = [0u8; 2048];
+        for (k, s) in sges.iter().enumerate() {
+            wqe::data(&mut w[k * DS..], s.len, s.lkey, s.addr);
+        }
+        wqe::data(&mut w[sges.len() * DS..], 0, self.terminator, 0);
+        self.buf.write(base + DS, &w[..self.stride - DS]);
+        self.head = self.next_of(idx);
+        self.posted = self.posted.wrapping_add(1);
+        Ok(idx)
+    }
+
+    /// Publishes posted WQEs.
+    pub fn ring(&mut self) {
+        dma_wmb();
+        self.dbr.write_be32(0, u32::from(self.posted));
+    }
+
+    /// Returns WQE `idx` (from a receive CQE) to the free list.
+    pub fn recv_done(&mut self, idx: u16) {
+        let idx = idx % self.size;
+        self.buf
+            .write(usize::from(self.tail) * self.stride + 2, &idx.to_be_bytes());
+        self.tail = idx;
+    }
+
+    /// Re-arms the limit event.
+    pub fn arm_limit<T: Transport>(&self, hca: &mut Hca<T>, lwm: u16) -> Result<(), HcaError> {
+        hca.exec(&crate::cmd::srq::ModifyRmpLwm {
+            rmpn: self.rmpn,
+            lwm,
+        })?;
+        Ok(())
+    }
+
+    /// Destroys the SRQ.
+    pub fn destroy<T: Transport>(self, hca: &mut Hca<T>) -> Result<(), HcaError> {
+        hca.exec(&crate::cmd::srq::DestroyRmp(self.rmpn))?;
         hca.free_dma(self.buf)?;
         hca.free_dma(self.dbr)?;
         Ok(())

@@ -157,6 +157,8 @@ pub struct Firmware {
     pub(crate) qps: BTreeMap<u32, crate::queues::SimQp>,
     pub(crate) next_qpn: u32,
     pub(crate) mcgs: BTreeMap<[u8; 16], BTreeSet<u32>>,
+    pub(crate) srqs: BTreeMap<u32, crate::rc::SimSrq>,
+    pub(crate) next_srqn: u32,
     /// Packets to put on the wire once the current work is done.
     pub(crate) outbox: Vec<Vec<u8>>,
     /// Interrupts raised by work done outside a command's effects.
@@ -204,6 +206,8 @@ impl Firmware {
             qps: BTreeMap::new(),
             next_qpn: 0x100,
             mcgs: BTreeMap::new(),
+            srqs: BTreeMap::new(),
+            next_srqn: 0x40,
             outbox: Vec::new(),
             pending_fx: Effects::default(),
             dp: crate::queues::DpStats::default(),
@@ -407,7 +411,8 @@ impl Firmware {
             0x109 => (0x1010, 0x10),
             0x203 => (0x10, 0x18),
             0x200 | 0x301 | 0x400 | 0x403 | 0x500 | 0x502..=0x505 => (0x110, 0x10),
-            0x401 | 0x501 | 0x507 | 0x50A => (0x10, 0x10),
+            0x401 | 0x501 | 0x507 | 0x50A | 0x90E => (0x10, 0x10),
+            0x90C | 0x90D => (0x110, 0x10),
             0x806 | 0x807 => (0x20, 0x10),
             0x50D => (0x110, 0x110),
             0x10B | 0x107 | 0x108 | 0x102 | 0x103 | 0x805 | 0x800 | 0x801 | 0x802 | 0x803
@@ -643,6 +648,7 @@ impl Firmware {
                 self.eqs.clear();
                 self.cqs.clear();
                 self.qps.clear();
+                self.srqs.clear();
                 self.mcgs.clear();
                 self.initialized = false;
                 self.caps_set = false;
@@ -713,6 +719,7 @@ impl Firmware {
                 }
                 if self.mkeys.values().any(|&(p, _)| p == pd)
                     || self.qps.values().any(|q| q.pd == pd)
+                    || self.srqs.values().any(|q| q.pd == pd)
                 {
                     return Err(fail(op, RES_BUSY, Reason::ObjectInUse));
                 }
@@ -852,6 +859,11 @@ impl Firmware {
             | 0x807 => {
                 need_init(self)?;
                 self.queue_command(iommu, op, op_mod, i, &mut o)?;
+            }
+            // Shared receive queues (rc.rs)
+            0x90C..=0x90E => {
+                need_init(self)?;
+                self.srq_command(iommu, op, i, &mut o)?;
             }
             // NOP
             0x80D => need_enabled(self)?,

@@ -536,16 +536,21 @@ impl Device {
 
     fn run(mut self) {
         loop {
-            let wait = self
-                .fw
-                .next_cq_deadline()
-                .map_or(Duration::from_millis(50), |d| {
-                    d.saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(50))
-                });
+            let next = [self.fw.next_cq_deadline(), self.fw.next_rc_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            let wait = next.map_or(Duration::from_millis(50), |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50))
+            });
             let msg = self.rx.recv_timeout(wait);
-            if self.fw.next_cq_deadline().is_some() {
-                self.datapath(|fw, io, fx| fw.cq_timers(io, Instant::now(), fx));
+            if next.is_some_and(|d| d <= Instant::now()) {
+                self.datapath(|fw, io, fx| {
+                    let now = Instant::now();
+                    fw.cq_timers(io, now, fx);
+                    fw.rc_timers(io, now, fx);
+                });
             }
             match msg {
                 Ok(Msg::CmdDoorbell(mask)) => self.doorbell(mask),

@@ -24,6 +24,7 @@ pub mod iommu;
 mod pcap;
 pub mod port;
 pub mod queues;
+pub mod rc;
 pub mod sm;
 pub mod wire;
 

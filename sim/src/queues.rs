@@ -51,6 +51,8 @@ pub struct DpStats {
     pub cq_overruns: u64,
     /// Doorbells naming no QP or CQ.
     pub stray_doorbells: u64,
+    /// RC packets sent again (timeouts, NAKs, RNR).
+    pub rc_retransmits: u64,
 }
 
 /// A CQ as the device keeps it.
@@ -61,7 +63,7 @@ pub struct SimCq {
     pub(crate) eqn: u32,
     pas: Vec<u64>,
     page_size: u64,
-    dbr: u64,
+    pub(crate) dbr: u64,
     pc: u32,
     armed: Option<u32>,
     period: u32,
@@ -108,29 +110,33 @@ pub enum QpState {
 /// A QP as the device keeps it.
 #[derive(Debug, Clone)]
 pub struct SimQp {
-    qpn: u32,
-    st: u8,
-    state: QpState,
+    pub(crate) qpn: u32,
+    pub(crate) st: u8,
+    pub(crate) state: QpState,
     pub(crate) pd: u32,
     pub(crate) uar: u32,
-    rlky: bool,
-    cqn_snd: u32,
-    cqn_rcv: u32,
-    log_rq: u8,
-    rq_stride: usize,
-    log_sq: u8,
-    sq_offset: usize,
+    pub(crate) rlky: bool,
+    pub(crate) cqn_snd: u32,
+    pub(crate) cqn_rcv: u32,
+    pub(crate) log_rq: u8,
+    pub(crate) rq_stride: usize,
+    pub(crate) log_sq: u8,
+    pub(crate) sq_offset: usize,
     pas: Vec<u64>,
     page_size: u64,
-    dbr: u64,
-    pkey_index: u16,
+    pub(crate) dbr: u64,
+    pub(crate) pkey_index: u16,
     qkey: u32,
     deth_sqpn: u32,
     block_lb_mc: bool,
-    mtu: u8,
-    sq_ci: u16,
-    rq_ci: u16,
+    pub(crate) mtu: u8,
+    pub(crate) sq_ci: u16,
+    pub(crate) rq_ci: u16,
     psn: u32,
+    /// SRQ/RMP the QP receives from, if any.
+    pub(crate) srqn: Option<u32>,
+    /// RC connection state (st 0 only).
+    pub(crate) rc: Option<Box<crate::rc::RcState>>,
 }
 
 impl SimQp {
@@ -139,7 +145,7 @@ impl SimQp {
         Some(self.pas.get(page)? + off as u64 % self.page_size)
     }
 
-    fn read(&self, iommu: &Iommu, off: usize, out: &mut [u8]) -> bool {
+    pub(crate) fn read(&self, iommu: &Iommu, off: usize, out: &mut [u8]) -> bool {
         // Buffers are page lists; read piecewise so page boundaries work.
         let mut done = 0;
         while done < out.len() {
@@ -164,20 +170,25 @@ fn pages_of(i: &[u8], at: usize, n: usize) -> Vec<u64> {
 
 /// A gather/scatter entry as the device sees it.
 #[derive(Clone, Copy, Debug)]
-struct Seg {
-    len: u32,
-    lkey: u32,
-    addr: u64,
+pub(crate) struct Seg {
+    pub(crate) len: u32,
+    pub(crate) lkey: u32,
+    pub(crate) addr: u64,
 }
 
 /// How a work request failed (error CQE syndrome, §6.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WcError {
+pub(crate) enum WcError {
     LocalLength = 0x01,
     LocalQpOp = 0x02,
     LocalProtection = 0x04,
     Flushed = 0x05,
     LocalAccess = 0x11,
+    RemoteInvalidRequest = 0x12,
+    RemoteAccess = 0x13,
+    RemoteOp = 0x14,
+    RetryExceeded = 0x15,
+    RnrRetryExceeded = 0x16,
 }
 
 impl Firmware {
@@ -338,12 +349,25 @@ impl Firmware {
         if !self.cqs.contains_key(&cqn_snd) || !self.cqs.contains_key(&cqn_rcv) {
             return Err(fail(op, BAD_RES, Reason::UnknownObject));
         }
-        if field(c, 0xAC, 26, 24) != 0 {
-            // SRQ/RMP-attached QPs come with the SRQ model.
-            return Err(fail(op, BAD_PARAM, Reason::BadQueueSize));
-        }
-        let log_rq = field(c, 0x08, 22, 19) as u8;
-        let rq_stride = 16usize << field(c, 0x08, 18, 16);
+        let srqn = match field(c, 0xAC, 26, 24) {
+            0 => None,
+            1 => {
+                let n = field(c, 0xAC, 23, 0);
+                if !self.srqs.contains_key(&n) {
+                    return Err(fail(op, BAD_RES, Reason::UnknownObject));
+                }
+                Some(n)
+            }
+            _ => return Err(fail(op, BAD_PARAM, Reason::BadQueueSize)),
+        };
+        let (log_rq, rq_stride) = if srqn.is_some() {
+            (0, 0)
+        } else {
+            (
+                field(c, 0x08, 22, 19) as u8,
+                16usize << field(c, 0x08, 18, 16),
+            )
+        };
         let no_sq = field(c, 0x08, 15, 15) == 1;
         let log_sq = field(c, 0x08, 14, 11) as u8;
         let max = crate::caps::get(&self.caps_cur, crate::caps::f::LOG_MAX_QP_SZ);
@@ -351,7 +375,11 @@ impl Firmware {
             return Err(fail(op, BAD_PARAM, Reason::BadQueueSize));
         }
         let page_size = 4096u64 << field(c, 0x14, 28, 24).min(20);
-        let sq_offset = (1usize << log_rq) * rq_stride;
+        let sq_offset = if srqn.is_some() {
+            0
+        } else {
+            (1usize << log_rq) * rq_stride
+        };
         let bytes = sq_offset + if no_sq { 0 } else { (1usize << log_sq) * 64 };
         let n = (bytes as u64).div_ceil(page_size) as usize;
         if i.len() < 0x110 + 8 * n {
@@ -395,6 +423,8 @@ impl Firmware {
                 sq_ci: 0,
                 rq_ci: 0,
                 psn: 0,
+                srqn,
+                rc: (st == 0).then(Box::default),
             },
         );
         crate::bytes::set_field(o, 0x08, 23, 0, qpn);
@@ -459,12 +489,15 @@ impl Firmware {
         if op == 0x504 {
             q.psn = field(c, 0x78, 23, 0);
         }
+        if let Some(rc) = q.rc.as_mut() {
+            rc.apply(op, opt, c);
+        }
         q.state = to;
         Ok(())
     }
 
     /// Moves a QP to ERR and flushes its outstanding work (§9.2).
-    fn qp_to_error(&mut self, iommu: &Iommu, qpn: u32) {
+    pub(crate) fn qp_to_error(&mut self, iommu: &Iommu, qpn: u32) {
         let Some(q) = self.qps.get_mut(&qpn) else {
             return;
         };
@@ -475,7 +508,7 @@ impl Firmware {
             let rq_posted = (dword(&b, 0) & 0xFFFF) as u16;
             let sq_pc = (dword(&b, 4) & 0xFFFF) as u16;
             let mut n = 0;
-            while q.rq_ci != rq_posted && n < (1u32 << q.log_rq) {
+            while q.srqn.is_none() && q.rq_ci != rq_posted && n < (1u32 << q.log_rq) {
                 flush.push((q.cqn_rcv, 0xE, q.rq_ci, 0u8));
                 q.rq_ci = q.rq_ci.wrapping_add(1);
                 n += 1;
@@ -510,7 +543,7 @@ impl Firmware {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn error_cqe(
+    pub(crate) fn error_cqe(
         &mut self,
         iommu: &Iommu,
         cqn: u32,
@@ -531,7 +564,7 @@ impl Firmware {
 
     /// Writes a CQE (body first, `op_own` last) and raises the completion
     /// event when the CQ is armed for it.
-    fn write_cqe(
+    pub(crate) fn write_cqe(
         &mut self,
         iommu: &Iommu,
         cqn: u32,
@@ -638,7 +671,7 @@ impl Firmware {
         }
     }
 
-    fn check_lkey(&self, qp: &SimQp, lkey: u32) -> bool {
+    pub(crate) fn check_lkey(&self, qp: &SimQp, lkey: u32) -> bool {
         if lkey == RESD_LKEY {
             return qp.rlky;
         }
@@ -732,15 +765,59 @@ impl Firmware {
         match opcode {
             0x00 => return (bbs as u16, Ok((signaled, opcode))),
             0x0A | 0x0B if q.st == 0x2 || q.st == 0x8 => {}
+            0x0A | 0x0B if q.st == 0x0 => {
+                let payload = match self.gather(iommu, &q, &w, 1, ds) {
+                    Ok(p) => p,
+                    Err(e) => return (bbs as u16, Err((e, opcode))),
+                };
+                self.rc_send(
+                    qpn,
+                    q.sq_ci,
+                    bbs as u16,
+                    opcode,
+                    signaled,
+                    se,
+                    dword(&w, 0x0C),
+                    payload,
+                );
+                // The requester CQE comes with the ACK.
+                return (bbs as u16, Ok((false, opcode)));
+            }
             _ => return (bbs as u16, Err((WcError::LocalQpOp, opcode))),
         }
         if ds < 4 {
             return (bbs as u16, Err((WcError::LocalQpOp, opcode)));
         }
         let av = &w[16..64];
-        // Gather.
+        let payload = match self.gather(iommu, &q, &w, 4, ds) {
+            Ok(p) => p,
+            Err(e) => return (bbs as u16, Err((e, opcode))),
+        };
+        let port = &self.port;
+        let code = if q.mtu == 0 {
+            port.mtu
+        } else {
+            port.mtu.min(q.mtu)
+        };
+        let mtu = 128usize << code.clamp(1, 5);
+        if payload.len() > mtu {
+            return (bbs as u16, Err((WcError::LocalLength, opcode)));
+        }
+        self.ud_send(q, opcode, se, av, payload);
+        (bbs as u16, Ok((signaled, opcode)))
+    }
+
+    /// Reads the data of gather segments `first..ds` of a WQE.
+    fn gather(
+        &self,
+        iommu: &Iommu,
+        q: &SimQp,
+        w: &[u8],
+        first: usize,
+        ds: usize,
+    ) -> Result<Vec<u8>, WcError> {
         let mut payload = Vec::with_capacity(4096);
-        let mut k = 4;
+        let mut k = first;
         while k < ds {
             let seg = &w[k * 16..k * 16 + 16];
             let bc = dword(seg, 0);
@@ -748,7 +825,7 @@ impl Firmware {
                 let len = (bc & 0x3FF) as usize;
                 let start = k * 16 + 4;
                 if start + len > ds * 16 {
-                    return (bbs as u16, Err((WcError::LocalLength, opcode)));
+                    return Err(WcError::LocalLength);
                 }
                 payload.extend_from_slice(&w[start..start + len]);
                 k += (4 + len).div_ceil(16);
@@ -763,31 +840,27 @@ impl Firmware {
             if s.len == 0 {
                 continue;
             }
-            if !self.check_lkey(&q, s.lkey) {
-                return (bbs as u16, Err((WcError::LocalProtection, opcode)));
+            if !self.check_lkey(q, s.lkey) {
+                return Err(WcError::LocalProtection);
             }
             if payload.len() + s.len as usize > 1 << 16 {
-                return (bbs as u16, Err((WcError::LocalLength, opcode)));
+                return Err(WcError::LocalLength);
             }
             let at = payload.len();
             payload.resize(at + s.len as usize, 0);
             if iommu.read(s.addr, &mut payload[at..]).is_err() {
-                return (bbs as u16, Err((WcError::LocalAccess, opcode)));
+                return Err(WcError::LocalAccess);
             }
         }
+        Ok(payload)
+    }
+
+    fn ud_send(&mut self, q: SimQp, opcode: u8, se: bool, av: &[u8], payload: Vec<u8>) {
+        let qpn = q.qpn;
         let port = &self.port;
-        let code = if q.mtu == 0 {
-            port.mtu
-        } else {
-            port.mtu.min(q.mtu)
-        };
-        let mtu = 128usize << code.clamp(1, 5);
-        if payload.len() > mtu {
-            return (bbs as u16, Err((WcError::LocalLength, opcode)));
-        }
         if port.state != port_state::ACTIVE {
             self.dp.tx_port_down += 1;
-            return (bbs as u16, Ok((signaled, opcode)));
+            return;
         }
         let mut qkey = dword(av, 0);
         if qkey & 0x8000_0000 != 0 {
@@ -843,7 +916,6 @@ impl Firmware {
         }
         self.outbox.push(wire::build(&h, &payload));
         self.dp.tx_packets += 1;
-        (bbs as u16, Ok((signaled, opcode)))
     }
 
     /// A packet arrived from the fabric.
@@ -884,6 +956,9 @@ impl Firmware {
         if targets.is_empty() {
             self.dp.rx_no_target += 1;
             return;
+        }
+        if h.opcode & 0xE0 == 0x00 && !multicast {
+            return self.rc_receive(iommu, &h, payload, fx);
         }
         let Some((qkey, src_qp)) = h.deth else {
             self.dp.rx_no_target += 1;

@@ -13,6 +13,7 @@ pub mod mad;
 pub mod mcg;
 pub mod qp;
 pub mod queue;
+pub mod srq;
 
 use std::fmt;
 use std::time::Duration;
@@ -51,6 +52,9 @@ impl Opcode {
     pub const TO_RST_QP: Opcode = Opcode(0x50A);
     pub const ATTACH_TO_MCG: Opcode = Opcode(0x806);
     pub const DETACH_FROM_MCG: Opcode = Opcode(0x807);
+    pub const CREATE_RMP: Opcode = Opcode(0x90C);
+    pub const MODIFY_RMP: Opcode = Opcode(0x90D);
+    pub const DESTROY_RMP: Opcode = Opcode(0x90E);
     pub const CREATE_EQ: Opcode = Opcode(0x301);
     pub const DESTROY_EQ: Opcode = Opcode(0x302);
     pub const MAD_IFC: Opcode = Opcode(0x50D);
@@ -108,6 +112,9 @@ impl Opcode {
             0x806 => "ATTACH_TO_MCG",
             0x807 => "DETACH_FROM_MCG",
             0x80D => "NOP",
+            0x90C => "CREATE_RMP",
+            0x90D => "MODIFY_RMP",
+            0x90E => "DESTROY_RMP",
             _ => "UNKNOWN",
         }
     }
