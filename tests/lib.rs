@@ -96,6 +96,21 @@ pub mod node {
                 ..SimConfig::default()
             }));
             dev.connect(fabric);
+            Node::bring_up(dev, qkey)
+        }
+
+        /// Brings up an HCA plugged into the fabric service at `socket`.
+        pub fn new_remote(socket: &std::path::Path, guid: u64, qkey: u32) -> Node {
+            let dev = Arc::new(SimHca::new(SimConfig {
+                node_guid: guid,
+                ..SimConfig::default()
+            }));
+            dev.connect_remote(socket)
+                .expect("connect to the fabric service");
+            Node::bring_up(dev, qkey)
+        }
+
+        fn bring_up(dev: Arc<SimHca>, qkey: u32) -> Node {
             let mut hca = Hca::bring_up(dev.clone(), crate::quick_cfg()).expect("bring-up");
             // The SM may have activated the port before the EQ existed, so
             // look at the port itself, and serve events while waiting.

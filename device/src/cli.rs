@@ -45,6 +45,15 @@ pub enum Command {
         /// Inject a fault into the software HCA (repeatable; `--device sim` only).
         #[arg(long = "sim-fault", value_name = "FAULT")]
         sim_faults: Vec<String>,
+        /// Plug the software HCA into the fabric served by `ipoib-fabric` at
+        /// this socket (`--device sim` only); without it the port has no
+        /// subnet manager and stays INIT.
+        #[arg(long, value_name = "SOCKET")]
+        fabric: Option<std::path::PathBuf>,
+        /// Seconds to wait for the ports to become Active before reporting
+        /// (default 10 with --fabric, 0 otherwise).
+        #[arg(long)]
+        wait_active: Option<u64>,
         /// Per-command timeout in milliseconds.
         #[arg(long, default_value_t = 60_000)]
         cmd_timeout_ms: u64,
@@ -93,11 +102,13 @@ pub fn main() -> ExitCode {
             device,
             json,
             sim_faults,
+            fabric,
+            wait_active,
             cmd_timeout_ms,
             fw_ready_timeout_ms,
             completion,
         } => {
-            let spec = match DeviceSpec::parse(&device, &sim_faults) {
+            let spec = match DeviceSpec::parse(&device, &sim_faults, fabric.as_deref()) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("ipoib-vfio: {e}");
@@ -112,6 +123,11 @@ pub fn main() -> ExitCode {
                     CompletionArg::Events => mlx5_driver::Completion::Events,
                     CompletionArg::Polled => mlx5_driver::Completion::Polled,
                 },
+                wait_active: Duration::from_secs(wait_active.unwrap_or(if fabric.is_some() {
+                    10
+                } else {
+                    0
+                })),
             };
             probe::run(&spec, &opts)
         }

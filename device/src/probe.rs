@@ -13,9 +13,10 @@ use mlx5_driver::{Completion, Hca, HcaConfig, error_chain as chain};
 pub enum DeviceSpec {
     /// A PCI function bound to vfio-pci, as `DDDD:BB:DD.F`.
     Pci(String),
-    /// The software HCA with these fault specs.
+    /// The software HCA with these fault specs, on the fabric served at a
+    /// socket or on none.
     #[cfg(feature = "sim")]
-    Sim(Vec<ipoib_sim::Fault>),
+    Sim(Vec<ipoib_sim::Fault>, Option<std::path::PathBuf>),
 }
 
 /// Errors in what the user asked for.
@@ -27,6 +28,9 @@ pub enum SpecError {
     /// Faults make sense only on the software HCA.
     #[error("--sim-fault needs --device sim")]
     FaultsOnHardware,
+    /// A simulated fabric makes sense only for the software HCA.
+    #[error("--fabric needs --device sim")]
+    FabricOnHardware,
     /// A fault spec did not parse.
     #[cfg(feature = "sim")]
     #[error(transparent)]
@@ -55,7 +59,11 @@ pub fn parse_bdf(s: &str) -> Option<String> {
 
 impl DeviceSpec {
     /// Parses `--device` and `--sim-fault` values.
-    pub fn parse(device: &str, faults: &[String]) -> Result<DeviceSpec, SpecError> {
+    pub fn parse(
+        device: &str,
+        faults: &[String],
+        fabric: Option<&std::path::Path>,
+    ) -> Result<DeviceSpec, SpecError> {
         if device == "sim" {
             #[cfg(feature = "sim")]
             {
@@ -63,13 +71,16 @@ impl DeviceSpec {
                     .iter()
                     .map(|s| s.parse::<ipoib_sim::Fault>())
                     .collect::<Result<Vec<_>, _>>()?;
-                return Ok(DeviceSpec::Sim(f));
+                return Ok(DeviceSpec::Sim(f, fabric.map(std::path::Path::to_path_buf)));
             }
             #[cfg(not(feature = "sim"))]
             return Err(SpecError::NoSim);
         }
         if !faults.is_empty() {
             return Err(SpecError::FaultsOnHardware);
+        }
+        if fabric.is_some() {
+            return Err(SpecError::FabricOnHardware);
         }
         parse_bdf(device)
             .map(DeviceSpec::Pci)
@@ -88,6 +99,8 @@ pub struct ProbeOptions {
     pub fw_ready_timeout: Duration,
     /// Completion mode.
     pub completion: Completion,
+    /// Wait this long for the ports to become Active before reporting.
+    pub wait_active: Duration,
 }
 
 /// Runs the probe and returns the process exit status.
@@ -98,11 +111,25 @@ pub fn run(spec: &DeviceSpec, opts: &ProbeOptions) -> ExitCode {
             Err(e) => fail_line(opts, &format!("opening {bdf} failed: {}", chain(&e)), None),
         },
         #[cfg(feature = "sim")]
-        DeviceSpec::Sim(faults) => {
-            let sim = std::sync::Arc::new(ipoib_sim::SimHca::new(ipoib_sim::SimConfig {
+        DeviceSpec::Sim(faults, fabric) => {
+            let mut cfg = ipoib_sim::SimConfig {
                 faults: faults.clone(),
                 ..ipoib_sim::SimConfig::default()
-            }));
+            };
+            if fabric.is_some() {
+                // Distinct GUIDs for HCAs of different processes on one fabric.
+                cfg.node_guid ^= u64::from(std::process::id()) << 8;
+            }
+            let sim = std::sync::Arc::new(ipoib_sim::SimHca::new(cfg));
+            if let Some(path) = fabric
+                && let Err(e) = sim.connect_remote(path)
+            {
+                return fail_line(
+                    opts,
+                    &format!("connecting to the fabric at {}: {e}", path.display()),
+                    None,
+                );
+            }
             probe_with(sim, opts)
         }
     }
@@ -139,6 +166,10 @@ fn probe_with<T: Transport>(t: T, opts: &ProbeOptions) -> ExitCode {
             return fail_line(opts, &line, Some(&e));
         }
     };
+    let mut hca = hca;
+    if !opts.wait_active.is_zero() {
+        wait_for_active(&mut hca, opts.wait_active);
+    }
     let info = hca.info();
     let report = hca.shutdown();
     if opts.json {
@@ -156,6 +187,25 @@ fn probe_with<T: Transport>(t: T, opts: &ProbeOptions) -> ExitCode {
             report.errors.join("; ")
         );
         ExitCode::FAILURE
+    }
+}
+
+/// Serves events until every port is Active (the subnet manager has
+/// configured it) or `limit` passes; the report shows whatever it reached.
+fn wait_for_active<T: Transport>(hca: &mut Hca<T>, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let all_active = hca
+            .info()
+            .ports
+            .iter()
+            .all(|p| p.state == mlx5_driver::layout::smp::PortState::Active);
+        if all_active || std::time::Instant::now() >= deadline {
+            return;
+        }
+        if hca.poll_events(Duration::from_millis(20)).is_err() || hca.refresh_ports().is_err() {
+            return;
+        }
     }
 }
 
@@ -332,19 +382,22 @@ mod tests {
     #[test]
     fn spec_rules() {
         assert!(matches!(
-            DeviceSpec::parse("81:00.0", &[]),
+            DeviceSpec::parse("81:00.0", &[], None),
             Ok(DeviceSpec::Pci(_))
         ));
         assert!(matches!(
-            DeviceSpec::parse("81:00.0", &["slow-start=1".into()]),
+            DeviceSpec::parse("81:00.0", &["slow-start=1".into()], None),
             Err(SpecError::FaultsOnHardware)
+        ));
+        assert!(matches!(
+            DeviceSpec::parse("81:00.0", &[], Some(std::path::Path::new("/x"))),
+            Err(SpecError::FabricOnHardware)
         ));
         #[cfg(feature = "sim")]
         {
-            assert!(
-                matches!(DeviceSpec::parse("sim", &["page-storm=2".into()]), Ok(DeviceSpec::Sim(f)) if f.len() == 1)
-            );
-            assert!(DeviceSpec::parse("sim", &["nonsense".into()]).is_err());
+            let s = DeviceSpec::parse("sim", &["page-storm=2".into()], None);
+            assert!(matches!(s, Ok(DeviceSpec::Sim(f, None)) if f.len() == 1));
+            assert!(DeviceSpec::parse("sim", &["nonsense".into()], None).is_err());
         }
     }
 

@@ -129,3 +129,42 @@ fn help_documents_the_faults() {
         assert!(out.contains(f), "{f} missing from --help");
     }
 }
+
+#[test]
+fn probe_on_a_fabric_shows_the_subnet_managers_assignment() {
+    let dir = std::env::temp_dir().join(format!("ipoib-probe-fabric-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("fabric.sock");
+    let fabric = ipoib_sim::Fabric::new(ipoib_sim::FabricConfig::default()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || ipoib_sim::remote::serve(&fabric, &listener));
+    let o = probe(&[
+        "--device",
+        "sim",
+        "--fabric",
+        sock.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["hca"]["ports"][0]["state"], "Active");
+    assert_eq!(v["hca"]["ports"][0]["lid"], 2);
+    assert_eq!(v["hca"]["ports"][0]["sm_lid"], 1);
+    // The next HCA on the fabric gets the next LID; the text says so.
+    let o = probe(&["--device", "sim", "--fabric", sock.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("port 1       ACTIVE (LinkUp), 4x, LID 0x0003, SM LID 0x0001"),
+        "{out}"
+    );
+    // No fabric at that path: a clear error.
+    let o = probe(&[
+        "--device",
+        "sim",
+        "--fabric",
+        dir.join("nope").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("connecting to the fabric"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

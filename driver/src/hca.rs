@@ -736,6 +736,19 @@ impl<T: Transport> Hca<T> {
         })
     }
 
+    /// Queries every port again (after port events).
+    pub fn refresh_ports(&mut self) -> Result<(), HcaError> {
+        if self.info.port_type != 0 {
+            return Ok(());
+        }
+        let mut ports = Vec::new();
+        for port in 1..=self.caps.num_ports() {
+            ports.push(self.query_port(port)?);
+        }
+        self.info.ports = ports;
+        Ok(())
+    }
+
     /// A local SMP Get through MAD_IFC.
     pub fn smp(
         &mut self,

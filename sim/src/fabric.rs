@@ -118,9 +118,19 @@ pub struct Fabric {
     inner: Arc<Mutex<State>>,
 }
 
-/// An HCA's end of a link.
+/// An HCA's end of a link: a port of a fabric in this process, or a
+/// connection to the fabric service.
 #[derive(Clone, Debug)]
-pub struct FabricLink {
+pub enum FabricLink {
+    /// Same process.
+    Local(LocalLink),
+    /// Through the fabric service socket.
+    Remote(crate::remote::SharedStream),
+}
+
+/// A port of an in-process fabric.
+#[derive(Clone, Debug)]
+pub struct LocalLink {
     fabric: Fabric,
     port: usize,
 }
@@ -161,7 +171,7 @@ impl Fabric {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn attach(&self, inbox: DeviceInbox, guid: u64) -> FabricLink {
+    pub(crate) fn attach(&self, inbox: DeviceInbox, guid: u64) -> LocalLink {
         let mut st = self.state();
         st.ports.push(Port {
             inbox,
@@ -171,7 +181,7 @@ impl Fabric {
             admin_up: true,
             pkeys: vec![0xFFFF],
         });
-        FabricLink {
+        LocalLink {
             fabric: self.clone(),
             port: st.ports.len() - 1,
         }
@@ -601,6 +611,38 @@ impl State {
 }
 
 impl FabricLink {
+    /// The HCA puts a packet on its link.
+    pub(crate) fn transmit(&self, pkt: Vec<u8>) {
+        match self {
+            FabricLink::Local(l) => l.transmit(pkt),
+            FabricLink::Remote(s) => {
+                crate::remote::send(s, crate::remote::kind::PACKET, &pkt);
+            }
+        }
+    }
+
+    /// The HCA's physical link came up.
+    pub(crate) fn link_up(&self) {
+        match self {
+            FabricLink::Local(l) => l.link_up(),
+            FabricLink::Remote(s) => {
+                crate::remote::send(s, crate::remote::kind::LINK_UP, &[]);
+            }
+        }
+    }
+
+    /// The HCA's link went down.
+    pub(crate) fn link_down(&self) {
+        match self {
+            FabricLink::Local(l) => l.link_down(),
+            FabricLink::Remote(s) => {
+                crate::remote::send(s, crate::remote::kind::LINK_DOWN, &[]);
+            }
+        }
+    }
+}
+
+impl LocalLink {
     /// The HCA puts a packet on its link.
     pub(crate) fn transmit(&self, mut pkt: Vec<u8>) {
         let mut st = self.fabric.state();

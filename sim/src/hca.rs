@@ -114,7 +114,8 @@ pub struct SimReport {
     pub unmapped_while_held: u64,
 }
 
-enum Msg {
+/// Work for the device thread.
+pub enum Msg {
     CmdDoorbell(u32),
     EqDoorbell { uar: u32, value: u32, arm: bool },
     CqDoorbell { uar: u32, value: u64 },
@@ -217,9 +218,16 @@ pub struct PortConfig {
     pub reregister: bool,
 }
 
-/// Where the fabric delivers packets and port configuration for one HCA.
+/// Where the fabric delivers packets and port configuration for one HCA:
+/// the device thread of an HCA in this process, or a connection to one in
+/// another process.
 #[derive(Clone, Debug)]
-pub struct DeviceInbox(Sender<Msg>);
+pub enum DeviceInbox {
+    /// Same process.
+    Local(Sender<Msg>),
+    /// Through the fabric service socket.
+    Remote(crate::remote::SharedStream),
+}
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -229,11 +237,26 @@ impl std::fmt::Debug for Msg {
 
 impl DeviceInbox {
     pub(crate) fn packet(&self, p: Vec<u8>) {
-        let _ = self.0.send(Msg::Packet(p));
+        match self {
+            DeviceInbox::Local(tx) => {
+                let _ = tx.send(Msg::Packet(p));
+            }
+            DeviceInbox::Remote(s) => {
+                crate::remote::send(s, crate::remote::kind::PACKET, &p);
+            }
+        }
     }
 
     pub(crate) fn port_config(&self, c: PortConfig) {
-        let _ = self.0.send(Msg::PortConfig(c));
+        match self {
+            DeviceInbox::Local(tx) => {
+                let _ = tx.send(Msg::PortConfig(c));
+            }
+            DeviceInbox::Remote(s) => {
+                let body = crate::remote::encode_port_config(&c);
+                crate::remote::send(s, crate::remote::kind::PORT_CONFIG, &body);
+            }
+        }
     }
 }
 
@@ -298,9 +321,51 @@ impl SimHca {
     /// Plugs the HCA's port into `fabric`. Its subnet manager activates the
     /// port once INIT_HCA brings the link up.
     pub fn connect(&self, fabric: &crate::fabric::Fabric) {
-        let inbox = DeviceInbox(lock(&self.tx).clone());
+        let inbox = DeviceInbox::Local(lock(&self.tx).clone());
         let link = fabric.attach(inbox, self.shared.cfg.node_guid.wrapping_add(1));
+        self.send(Msg::Connect(crate::fabric::FabricLink::Local(link)));
+    }
+
+    /// Plugs the HCA's port into the fabric served by `ipoib-fabric` on the
+    /// socket at `path`.
+    pub fn connect_remote(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use crate::remote::{kind, read_frame, write_frame};
+        let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+        let guid = self.shared.cfg.node_guid.wrapping_add(1);
+        write_frame(&mut stream, kind::HELLO, &guid.to_be_bytes())?;
+        let mut reader = stream.try_clone()?;
+        let tx = lock(&self.tx).clone();
+        std::thread::Builder::new()
+            .name("sim-hca-link".into())
+            .spawn(move || {
+                let mut buf = Vec::new();
+                let mut last: Option<PortConfig> = None;
+                while let Ok(true) = read_frame(&mut reader, &mut buf) {
+                    let msg = match buf[0] {
+                        kind::PACKET => Msg::Packet(buf[1..].to_vec()),
+                        kind::PORT_CONFIG => match crate::remote::decode_port_config(&buf[1..]) {
+                            Some(c) => {
+                                last = Some(c.clone());
+                                Msg::PortConfig(c)
+                            }
+                            None => break,
+                        },
+                        _ => break,
+                    };
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                // The fabric went away: the link is down.
+                if let Some(mut c) = last {
+                    c.state = crate::port::state::DOWN;
+                    c.reregister = false;
+                    let _ = tx.send(Msg::PortConfig(c));
+                }
+            })?;
+        let link = crate::fabric::FabricLink::Remote(std::sync::Arc::new(Mutex::new(stream)));
         self.send(Msg::Connect(link));
+        Ok(())
     }
 
     /// What the device saw, as of now.

@@ -25,6 +25,7 @@ mod pcap;
 pub mod port;
 pub mod queues;
 pub mod rc;
+pub mod remote;
 pub mod sm;
 pub mod wire;
 
