@@ -245,3 +245,64 @@ fn cq_events_honour_arming_and_moderation() {
         assert!(n.finish().0.clean());
     }
 }
+
+#[test]
+fn links_have_latency_and_rate() {
+    let fabric = Fabric::new(FabricConfig {
+        latency: Duration::from_millis(3),
+        rate_gbps: 1,
+        ..FabricConfig::default()
+    })
+    .unwrap();
+    let mut a = Node::new(&fabric, 0x0002_c903_0000_0a00, QKEY);
+    let mut b = Node::new(&fabric, 0x0002_c903_0000_0b00, QKEY);
+    let to_b = AddressVector {
+        dqpn: b.qp.qpn(),
+        qkey: QKEY,
+        dlid: b.lid,
+        ..AddressVector::default()
+    };
+    // Latency: one packet takes at least the link latency.
+    let t0 = std::time::Instant::now();
+    send(&mut a, &to_b, b"\x08\x00\x00\x00ping", None);
+    let rc = b.wait_cqes(true, 1, Duration::from_secs(2));
+    assert_eq!(rc.len(), 1);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(3),
+        "{:?}",
+        t0.elapsed()
+    );
+    b.qp.recv_done();
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    a.qp.send_done(sc[0].wqe_counter);
+    // Rate: 24 packets of 4000 bytes at 1 Gb/s need 24 × 32 µs on the wire.
+    let big = vec![0x45u8; 4000];
+    a.mem.write(TX_AREA, &big);
+    let sge = Sge {
+        addr: a.mem.iova_at(TX_AREA).0,
+        len: 4000,
+        lkey: a.hca.lkey(),
+    };
+    let t0 = std::time::Instant::now();
+    for _ in 0..24 {
+        a.qp.post_send_ud(&to_b, &[sge], true).unwrap();
+    }
+    a.qp.ring_sq(a.hca.transport());
+    let sc = a.wait_cqes(false, 24, Duration::from_secs(2));
+    for c in sc {
+        a.qp.send_done(c.wqe_counter);
+    }
+    let rc = b.wait_cqes(true, 24, Duration::from_secs(2));
+    assert_eq!(rc.len(), 24);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(3) + Duration::from_micros(24 * 32),
+        "{took:?}"
+    );
+    for _ in 0..24 {
+        b.qp.recv_done();
+    }
+    for n in [a, b] {
+        assert!(n.finish().0.clean());
+    }
+}

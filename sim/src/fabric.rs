@@ -12,8 +12,10 @@
 //! link comes up it assigns the next free LID and takes the port to Active,
 //! the effect of its SubnSet(PortInfo) on the HCA's management agent.
 
+use std::collections::BinaryHeap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::hca::{DeviceInbox, PortConfig};
 use crate::pcap::PcapWriter;
@@ -34,6 +36,11 @@ pub struct FabricConfig {
     pub seed: u64,
     /// Partitions (empty: the default partition only).
     pub partitions: Vec<Partition>,
+    /// One-way latency of a link, switch included.
+    pub latency: Duration,
+    /// Link signalling rate in Gb/s (0: unlimited). Each egress link sends
+    /// one packet at a time, so packets queue behind each other.
+    pub rate_gbps: u32,
 }
 
 impl Default for FabricConfig {
@@ -43,6 +50,8 @@ impl Default for FabricConfig {
             pcap: None,
             seed: 1,
             partitions: Vec::new(),
+            latency: Duration::ZERO,
+            rate_gbps: 0,
         }
     }
 }
@@ -92,6 +101,8 @@ pub struct FabricStats {
 #[derive(Debug)]
 struct Port {
     inbox: DeviceInbox,
+    /// When the egress link to this port is free again.
+    busy_until: Instant,
     guid: u64,
     lid: u16,
     up: bool,
@@ -110,6 +121,85 @@ struct State {
     held: Option<Vec<u8>>,
     stats: FabricStats,
     sm: SmState,
+    delay: Option<Arc<DelayLine>>,
+}
+
+/// Packets in flight on timed links, delivered by their own thread.
+#[derive(Debug, Default)]
+struct DelayLine {
+    q: Mutex<(BinaryHeap<InFlight>, bool)>,
+    cv: Condvar,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    due: Instant,
+    seq: u64,
+    inbox: DeviceInbox,
+    pkt: Vec<u8>,
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, o: &Self) -> bool {
+        (self.due, self.seq) == (o.due, o.seq)
+    }
+}
+impl Eq for InFlight {}
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for InFlight {
+    /// Earliest first in a max-heap.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.due, o.seq).cmp(&(self.due, self.seq))
+    }
+}
+
+impl DelayLine {
+    fn run(self: Arc<Self>) {
+        let mut g = self.q.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if g.1 {
+                return;
+            }
+            let now = Instant::now();
+            match g.0.peek().map(|f| f.due) {
+                Some(due) if due <= now => {
+                    if let Some(f) = g.0.pop() {
+                        drop(g);
+                        f.inbox.packet(f.pkt);
+                        g = self.q.lock().unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+                Some(due) => {
+                    g = self
+                        .cv
+                        .wait_timeout(g, due - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => {
+                    g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+
+    fn push(&self, f: InFlight) {
+        self.q.lock().unwrap_or_else(|p| p.into_inner()).0.push(f);
+        self.cv.notify_one();
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Some(d) = &self.delay {
+            d.q.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+            d.cv.notify_one();
+        }
+    }
 }
 
 /// A fabric shared by the HCAs attached to it.
@@ -152,8 +242,22 @@ impl Fabric {
             Some(p) => Some(PcapWriter::create(p)?),
             None => None,
         };
+        let delay = (!cfg.latency.is_zero() || cfg.rate_gbps > 0).then(|| {
+            let d = Arc::new(DelayLine::default());
+            let runner = d.clone();
+            std::thread::Builder::new()
+                .name("fabric-links".into())
+                .spawn(move || runner.run())
+                .map(|_| d)
+        });
+        let delay = match delay {
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
         Ok(Fabric {
             inner: Arc::new(Mutex::new(State {
+                delay,
                 sm: SmState::new(cfg.partitions.clone()),
                 rng: cfg.seed | 1,
                 cfg,
@@ -175,6 +279,7 @@ impl Fabric {
         let mut st = self.state();
         st.ports.push(Port {
             inbox,
+            busy_until: Instant::now(),
             guid,
             lid: 0,
             up: false,
@@ -569,7 +674,17 @@ impl Fabric {
         };
         let mut delivered = 0;
         let mut pkey_drop = false;
-        for p in st.ports.iter().filter(|p| {
+        let now = Instant::now();
+        // Serialization time of this packet on a link (bits / rate).
+        let wire_time = if st.cfg.rate_gbps > 0 {
+            Duration::from_nanos(pkt.len() as u64 * 8 / u64::from(st.cfg.rate_gbps))
+        } else {
+            Duration::ZERO
+        };
+        let latency = st.cfg.latency;
+        let delay = st.delay.clone();
+        let seq = st.stats.delivered;
+        for p in st.ports.iter_mut().filter(|p| {
             p.up && if multicast {
                 receivers.contains(&p.guid)
             } else {
@@ -580,7 +695,19 @@ impl Fabric {
                 pkey_drop = true;
                 continue;
             }
-            p.inbox.packet(pkt.clone());
+            match &delay {
+                Some(d) => {
+                    let start = p.busy_until.max(now);
+                    p.busy_until = start + wire_time;
+                    d.push(InFlight {
+                        due: p.busy_until + latency,
+                        seq: seq + delivered,
+                        inbox: p.inbox.clone(),
+                        pkt: pkt.clone(),
+                    });
+                }
+                None => p.inbox.packet(pkt.clone()),
+            }
             delivered += 1;
         }
         if delivered == 0 {

@@ -27,6 +27,12 @@ struct Cli {
     /// Link MTU in bytes.
     #[arg(long, default_value_t = 4096, value_parser = parse_mtu)]
     mtu: u32,
+    /// One-way link latency in microseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_us: u64,
+    /// Link rate in Gb/s (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    rate_gbps: u32,
     /// Log filter (also IPOIB_LOG); quiet by default.
     #[arg(long)]
     log: Option<String>,
@@ -85,6 +91,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         mtu: cli.mtu,
         pcap: cli.pcap.clone(),
         partitions,
+        latency: Duration::from_micros(cli.latency_us),
+        rate_gbps: cli.rate_gbps,
         ..FabricConfig::default()
     })
     .map_err(|e| format!("creating the capture: {e}"))?;
