@@ -256,6 +256,7 @@ fn pkey_violations_are_dropped_and_counted() {
             recv_cq: a.rcq.cqn(),
             block_mc_loopback: true,
             srq: None,
+            offload: false,
         },
     )
     .unwrap();
@@ -300,6 +301,7 @@ fn pkey_violations_are_dropped_and_counted() {
             recv_cq: b.rcq.cqn(),
             block_mc_loopback: true,
             srq: None,
+            offload: false,
         },
     )
     .unwrap();

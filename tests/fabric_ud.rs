@@ -306,3 +306,126 @@ fn links_have_latency_and_rate() {
         assert!(n.finish().0.clean());
     }
 }
+
+fn ones_complement_ok(data: &[u8], mut acc: u32) -> bool {
+    for c in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while acc > 0xFFFF {
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    }
+    acc == 0xFFFF
+}
+
+/// IPv4 header and TCP checksums of an IPoIB packet are correct.
+fn tcp_checksums_ok(p: &[u8]) -> bool {
+    let ip = &p[4..24];
+    let tcp = &p[24..];
+    let mut pseudo = 0u32;
+    for c in ip[12..20].chunks(2) {
+        pseudo += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    pseudo += 6 + tcp.len() as u32;
+    ones_complement_ok(ip, 0) && ones_complement_ok(tcp, pseudo)
+}
+
+#[test]
+fn checksum_and_lso_offloads() {
+    let (_fabric, mut a, mut b) = pair();
+    let mut cfg = mlx5_driver::verbs::QpConfig::ud(1, 0, QKEY, 6, a.scq.cqn(), a.rcq.cqn());
+    cfg.offload = true;
+    let mut oqp = mlx5_driver::verbs::Qp::create(&mut a.hca, &cfg).unwrap();
+    oqp.activate_datagram(&mut a.hca).unwrap();
+    let to_b = AddressVector {
+        dqpn: b.qp.qpn(),
+        qkey: QKEY,
+        dlid: b.lid,
+        ..AddressVector::default()
+    };
+    // IPoIB + IPv4 + TCP headers with zero checksums.
+    let headers = |total: usize| -> Vec<u8> {
+        let mut h = vec![0x08, 0x00, 0, 0];
+        h.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0x12,
+            0x34,
+            0x40,
+            0,
+            64,
+            6,
+            0,
+            0,
+        ]);
+        h.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 2]);
+        h.extend_from_slice(&[
+            0x30, 0x39, 0x00, 0x50, 0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x18, 0xFF, 0xFF, 0, 0, 0, 0,
+        ]);
+        h
+    };
+    // Checksum offload.
+    let mut pkt = headers(40 + 11);
+    pkt.extend_from_slice(b"csum please");
+    assert!(!tcp_checksums_ok(&pkt));
+    a.mem.write(TX_AREA, &pkt);
+    let sge = Sge {
+        addr: a.mem.iova_at(TX_AREA).0,
+        len: pkt.len() as u32,
+        lkey: a.hca.lkey(),
+    };
+    let off = mlx5_driver::verbs::TxOffload {
+        l3_csum: true,
+        l4_csum: true,
+        lso: None,
+    };
+    oqp.post_send_ud_offload(&to_b, &[sge], true, &off).unwrap();
+    oqp.ring_sq(a.hca.transport());
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    assert_eq!(sc[0].opcode, opcode::REQ);
+    oqp.send_done(sc[0].wqe_counter);
+    let rc = b.wait_cqes(true, 1, Duration::from_secs(2));
+    let mut got = vec![0u8; pkt.len()];
+    b.mem.read(40, &mut got);
+    assert!(tcp_checksums_ok(&got), "the HCA filled in both checksums");
+    assert_eq!(&got[44..], b"csum please");
+    assert_eq!(rc.len(), 1);
+    b.qp.recv_done();
+
+    // LSO: 5000 bytes of payload, MSS 1448: four packets on the wire.
+    let data: Vec<u8> = (0..5000u32).map(|i| (i * 13) as u8).collect();
+    a.mem.write(TX_AREA, &data);
+    let hdr = headers(40);
+    let sge = Sge {
+        addr: a.mem.iova_at(TX_AREA).0,
+        len: data.len() as u32,
+        lkey: a.hca.lkey(),
+    };
+    let off = mlx5_driver::verbs::TxOffload {
+        l3_csum: true,
+        l4_csum: true,
+        lso: Some((1448, &hdr)),
+    };
+    oqp.post_send_ud_offload(&to_b, &[sge], true, &off).unwrap();
+    oqp.ring_sq(a.hca.transport());
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    assert_eq!(sc.len(), 1, "one completion for the whole LSO WQE");
+    oqp.send_done(sc[0].wqe_counter);
+    let rc = b.wait_cqes(true, 4, Duration::from_secs(2));
+    assert_eq!(rc.len(), 4);
+    let mut joined = Vec::new();
+    for (k, c) in rc.iter().enumerate() {
+        let len = c.byte_cnt as usize - 40;
+        let mut p = vec![0u8; len];
+        b.mem.read((k + 1) * ipoib_tests::node::RX_BUF + 40, &mut p);
+        assert!(tcp_checksums_ok(&p), "segment {k}");
+        joined.extend_from_slice(&p[44..]);
+        b.qp.recv_done();
+    }
+    assert_eq!(joined, data);
+    oqp.destroy(&mut a.hca).unwrap();
+    for n in [a, b] {
+        assert!(n.finish().0.clean());
+    }
+}

@@ -139,6 +139,7 @@ pub mod node {
                     recv_cq: rcq.cqn(),
                     block_mc_loopback: true,
                     srq: None,
+                    offload: false,
                 },
             )
             .expect("UD QP");

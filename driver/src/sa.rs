@@ -685,6 +685,7 @@ impl Gsi {
                 recv_cq: rcq.cqn(),
                 block_mc_loopback: false,
                 srq: None,
+                offload: false,
             },
         )?;
         qp.activate_datagram(hca)?;

@@ -165,6 +165,9 @@ pub struct QpConfig {
     pub block_mc_loopback: bool,
     /// Receive from this SRQ (RMP number) instead of an own RQ.
     pub srq: Option<u32>,
+    /// UD with IPoIB stateless offloads (checksum, LSO): needs cap
+    /// `ipoib_basic_offloads`; every send WQE then carries pad + eth segments.
+    pub offload: bool,
 }
 
 impl QpConfig {
@@ -182,8 +185,21 @@ impl QpConfig {
             recv_cq: rcq,
             block_mc_loopback: true,
             srq: None,
+            offload: false,
         }
     }
+}
+
+/// What the HCA should do to a UD payload on the way out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxOffload<'a> {
+    /// Compute the IPv4 header checksum.
+    pub l3_csum: bool,
+    /// Compute the TCP/UDP checksum.
+    pub l4_csum: bool,
+    /// Segment TCP: MSS and the headers (IPoIB + IP + TCP) to replicate;
+    /// the gather list then holds only the TCP payload.
+    pub lso: Option<(u16, &'a [u8])>,
 }
 
 /// The path and transport parameters of an RC connection (from the CM
@@ -249,6 +265,7 @@ pub struct Qp {
     rq_stride: usize,
     sq_offset: usize,
     rq_sge: usize,
+    offload: bool,
     uar: u32,
     bf_offset: u32,
     bf_half: u32,
@@ -303,6 +320,9 @@ impl Qp {
             .set(qpc::Q_KEY, cfg.qkey)
             .set(qpc::LOG_ACK_REQ_FREQ, 8)
             .set_dbr(dbr.iova());
+        if cfg.offload {
+            c.set(qpc::ULP_OFFLOAD_MODE, 1);
+        }
         if let Some(srqn) = cfg.srq {
             c.set(qpc::RQ_TYPE, 1)
                 .set(qpc::SRQN, srqn)
@@ -343,6 +363,7 @@ impl Qp {
             rq_stride,
             sq_offset,
             rq_sge: usize::from(cfg.rq_sge),
+            offload: cfg.offload,
             uar: hca.uar(),
             bf_offset: 0,
             bf_half: bf_size / 2,
@@ -531,6 +552,41 @@ impl Qp {
         c.copy_from_slice(&w[..8]);
         self.last_ctrl = Some(c);
         Ok(idx)
+    }
+
+    /// A UD send on an offload-mode QP: checksums and LSO done by the HCA.
+    pub fn post_send_ud_offload(
+        &mut self,
+        av: &AddressVector,
+        sges: &[Sge],
+        signaled: bool,
+        off: &TxOffload<'_>,
+    ) -> Result<u16, PostError> {
+        let mut w = [0u8; 16 * WQEBB];
+        let cs_flags = (if off.l3_csum { wqe::cs::L3 } else { 0 })
+            | (if off.l4_csum { wqe::cs::L4 } else { 0 });
+        let (mss, inline) = off.lso.unwrap_or((0, &[]));
+        if inline.len() > 256 {
+            return Err(PostError::TooManySegments);
+        }
+        let eth = wqe::pad_and_eth(&mut w[64..], cs_flags, mss, inline);
+        let first_data = 64 + eth;
+        let ds = first_data / DS + sges.len();
+        if ds > 63 || (!self.offload && off != &TxOffload::default()) {
+            return Err(PostError::TooManySegments);
+        }
+        let op = if off.lso.is_some() {
+            wqe::op::LSO
+        } else {
+            wqe::op::SEND
+        };
+        let flags = if signaled { wqe::CQ_UPDATE } else { 0 };
+        wqe::ctrl(&mut w, op, self.sq.pc(), self.qpn, ds as u8, flags, 0);
+        wqe::datagram(&mut w[16..64], av);
+        for (k, s) in sges.iter().enumerate() {
+            wqe::data(&mut w[first_data + k * DS..], s.len, s.lkey, s.addr);
+        }
+        self.write_wqe(&w, ds.div_ceil(4) as u16)
     }
 
     /// Publishes posted sends: doorbell record, then the 64-bit doorbell

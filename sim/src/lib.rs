@@ -21,6 +21,7 @@ pub mod fault;
 pub mod fw;
 mod hca;
 pub mod iommu;
+pub mod offload;
 mod pcap;
 pub mod port;
 pub mod queues;

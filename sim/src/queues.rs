@@ -135,6 +135,8 @@ pub struct SimQp {
     psn: u32,
     /// SRQ/RMP the QP receives from, if any.
     pub(crate) srqn: Option<u32>,
+    /// ulp_stateless_offload_mode.
+    offload: u8,
     /// RC connection state (st 0 only).
     pub(crate) rc: Option<Box<crate::rc::RcState>>,
 }
@@ -341,6 +343,12 @@ impl Firmware {
         }
         let pd = field(c, 0x04, 23, 0);
         let uar = field(c, 0x0C, 23, 0);
+        let offload = field(c, 0x08, 3, 0) as u8;
+        let basic = crate::caps::get(&self.caps_cur, crate::caps::f::IPOIB_BASIC_OFFLOADS) == 1;
+        if offload > 1 || (offload == 1 && (st != 0x2 || !basic)) {
+            // Enhanced IPoIB (mode 2) is not modelled.
+            return Err(fail(op, BAD_PARAM, Reason::BadServiceType));
+        }
         let cqn_snd = field(c, 0x7C, 23, 0);
         let cqn_rcv = field(c, 0x9C, 23, 0);
         if !self.pds.contains(&pd) || !self.uars.contains(&uar) {
@@ -424,6 +432,7 @@ impl Firmware {
                 rq_ci: 0,
                 psn: 0,
                 srqn,
+                offload,
                 rc: (st == 0).then(Box::default),
             },
         );
@@ -765,6 +774,7 @@ impl Firmware {
         match opcode {
             0x00 => return (bbs as u16, Ok((signaled, opcode))),
             0x0A | 0x0B if q.st == 0x2 || q.st == 0x8 => {}
+            0x0E if q.st == 0x2 && q.offload == 1 => {}
             0x0A | 0x0B if q.st == 0x0 => {
                 let payload = match self.gather(iommu, &q, &w, 1, ds) {
                     Ok(p) => p,
@@ -789,9 +799,39 @@ impl Firmware {
             return (bbs as u16, Err((WcError::LocalQpOp, opcode)));
         }
         let av = &w[16..64];
-        let payload = match self.gather(iommu, &q, &w, 4, ds) {
+        // Offload mode 1: pad (unit 4) and the eth segment (unit 5) come first.
+        let (first_data, cs_flags, mss, headers) = if q.offload == 1 {
+            if ds < 6 {
+                return (bbs as u16, Err((WcError::LocalQpOp, opcode)));
+            }
+            let e = &w[80..96];
+            let inline = usize::from(u16::from_be_bytes([e[0x0C], e[0x0D]]));
+            let eth_len = (14 + inline).max(16).next_multiple_of(16);
+            if 80 + 0x0E + inline > ds * 16 || 80 + eth_len > ds * 16 {
+                return (bbs as u16, Err((WcError::LocalLength, opcode)));
+            }
+            let mss = usize::from(u16::from_be_bytes([e[6], e[7]]));
+            (
+                5 + eth_len / 16,
+                e[4],
+                mss,
+                w[80 + 0x0E..80 + 0x0E + inline].to_vec(),
+            )
+        } else {
+            (4, 0, 0, Vec::new())
+        };
+        let data = match self.gather(iommu, &q, &w, first_data, ds) {
             Ok(p) => p,
             Err(e) => return (bbs as u16, Err((e, opcode))),
+        };
+        let packets = if opcode == 0x0E {
+            crate::offload::segment(&headers, &data, mss)
+        } else {
+            let mut p = data;
+            if cs_flags & 0xC0 != 0 {
+                crate::offload::checksum(&mut p, cs_flags & 0x40 != 0, cs_flags & 0x80 != 0);
+            }
+            vec![p]
         };
         let port = &self.port;
         let code = if q.mtu == 0 {
@@ -800,10 +840,12 @@ impl Firmware {
             port.mtu.min(q.mtu)
         };
         let mtu = 128usize << code.clamp(1, 5);
-        if payload.len() > mtu {
+        if packets.iter().any(|p| p.len() > mtu) {
             return (bbs as u16, Err((WcError::LocalLength, opcode)));
         }
-        self.ud_send(q, opcode, se, av, payload);
+        for p in packets {
+            self.ud_send(q.clone(), opcode, se, av, p);
+        }
         (bbs as u16, Ok((signaled, opcode)))
     }
 

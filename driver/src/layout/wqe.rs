@@ -94,6 +94,32 @@ pub fn data(w: &mut [u8], byte_count: u32, lkey: u32, addr: u64) {
     put_be64(w, 0x08, addr);
 }
 
+/// Eth segment checksum flags (§7.5).
+pub mod cs {
+    /// Compute the L4 (TCP/UDP) checksum.
+    pub const L4: u8 = 0x80;
+    /// Compute the L3 (IPv4 header) checksum.
+    pub const L3: u8 = 0x40;
+}
+
+/// Writes the pad and eth segments of an IPoIB offload-mode WQE at `w`
+/// (§7.5): 16 zero bytes, then the eth segment with `inline` headers (LSO).
+/// Returns the bytes used (a multiple of 16).
+pub fn pad_and_eth(w: &mut [u8], cs_flags: u8, mss: u16, inline: &[u8]) -> usize {
+    let eth_len = (14 + inline.len()).max(16).next_multiple_of(16);
+    let used = 16 + eth_len;
+    if w.len() < used {
+        return 0;
+    }
+    w[..used].fill(0);
+    let e = &mut w[16..used];
+    e[4] = cs_flags;
+    put_be16(e, 6, mss);
+    put_be16(e, 0x0C, inline.len() as u16);
+    e[0x0E..0x0E + inline.len()].copy_from_slice(inline);
+    used
+}
+
 /// Scatter entry for receive WQEs and gather entry for sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sge {
@@ -136,6 +162,26 @@ mod tests {
         ];
         assert_eq!(&w[..80], &want);
         assert!(w[80..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn eth_segment_golden() {
+        // Checksum only: pad (16 zero) + eth with cs_flags 0xC0 at byte 4.
+        let mut w = [0xAAu8; 64];
+        assert_eq!(pad_and_eth(&mut w, cs::L3 | cs::L4, 0, &[]), 32);
+        assert_eq!(&w[..16], &[0; 16]);
+        assert_eq!(
+            &w[16..32],
+            &[0, 0, 0, 0, 0xC0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        // LSO: mss at 6, inline_hdr_sz at 0x0C, headers from 0x0E; 58 header
+        // bytes (IPoIB 4 + IPv4 20 + TCP 20 + options 14) need align16(14 + 58) = 80.
+        let hdr: Vec<u8> = (1..=58).collect();
+        let mut w = [0u8; 128];
+        assert_eq!(pad_and_eth(&mut w, 0xC0, 1448, &hdr), 96);
+        assert_eq!(&w[16 + 6..16 + 8], &[0x05, 0xA8]);
+        assert_eq!(&w[16 + 0x0C..16 + 0x0E], &[0x00, 58]);
+        assert_eq!(&w[16 + 0x0E..16 + 0x0E + 58], &hdr[..]);
     }
 
     #[test]
