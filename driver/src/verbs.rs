@@ -11,7 +11,6 @@ use crate::cmd::qp::{
     CreateQp, DestroyQp, ModifyQp, QpContext, QpToErr, QpToRst, ServiceType, Transition, opt, qpc,
 };
 use crate::hca::{Hca, HcaError};
-use crate::layout::be32;
 use crate::layout::cqe::{CQE_LEN, Cqe, INVALID_OP_OWN, OP_OWN};
 use crate::layout::wqe::{self, AddressVector, DS, Sge, WQEBB};
 use crate::queues::cq::{ARM_NEXT, CqRing};
@@ -82,15 +81,14 @@ impl Cq {
     /// Polls up to `out.len()` completions; publishes the consumer index once.
     pub fn poll(&mut self, out: &mut [Cqe]) -> usize {
         let mut n = 0;
-        let mut raw = [0u8; CQE_LEN];
         while n < out.len() {
             let off = self.ring.index() * CQE_LEN;
             if !self.ring.is_valid(self.buf.read_u8(off + OP_OWN)) {
                 break;
             }
             dma_rmb();
-            self.buf.read(off, &mut raw);
-            out[n] = Cqe::parse(&raw);
+            let Some(b) = self.buf.block(off) else { break };
+            out[n] = Cqe::from_dwords(|o| b.be32(o));
             self.ring.advance();
             n += 1;
         }
@@ -270,6 +268,8 @@ pub struct Qp {
     bf_offset: u32,
     bf_half: u32,
     last_ctrl: Option<[u8; 8]>,
+    /// Basic blocks of the WQE at each SQ slot, for completions.
+    wqe_bbs: Vec<u8>,
     terminator: u32,
     qpc: QpContext,
     state: QpState,
@@ -368,6 +368,7 @@ impl Qp {
             bf_offset: 0,
             bf_half: bf_size / 2,
             last_ctrl: None,
+            wqe_bbs: vec![1; 1usize << cfg.log_sq],
             terminator: hca.terminator_lkey(),
             qpc: c,
             state: QpState::Reset,
@@ -465,12 +466,16 @@ impl Qp {
 
     fn write_wqe(&mut self, w: &[u8], bbs: u16) -> Result<u16, PostError> {
         let idx = self.sq.claim(bbs).ok_or(PostError::Full)?;
+        let mask = usize::from(self.sq.len()) - 1;
+        self.wqe_bbs[usize::from(idx) & mask] = bbs as u8;
         for b in 0..usize::from(bbs) {
-            let slot = usize::from(idx.wrapping_add(b as u16)) & (usize::from(self.sq.len()) - 1);
-            self.buf.write(
-                self.sq_offset + slot * WQEBB,
-                &w[b * WQEBB..(b + 1) * WQEBB],
-            );
+            let slot = usize::from(idx.wrapping_add(b as u16)) & mask;
+            let mut image = [0u8; WQEBB];
+            image.copy_from_slice(&w[b * WQEBB..(b + 1) * WQEBB]);
+            match self.buf.block(self.sq_offset + slot * WQEBB) {
+                Some(blk) => blk.write_all(&image),
+                None => return Err(PostError::Full),
+            }
         }
         let mut c = [0u8; 8];
         c.copy_from_slice(&w[..8]);
@@ -527,30 +532,59 @@ impl Qp {
         sges: &[Sge],
         signaled: bool,
     ) -> Result<u16, PostError> {
+        if self.offload {
+            return self.post_send_ud_offload(av, sges, signaled, &TxOffload::default());
+        }
+        self.post_send_ah(&wqe::AddressHandle::new(av), sges, signaled)
+    }
+
+    /// Writes a UD SEND of `sges` to a destination encoded once in `ah`.
+    /// The datapath's send: with one buffer it is ten 64-bit stores.
+    pub fn post_send_ah(
+        &mut self,
+        ah: &wqe::AddressHandle,
+        sges: &[Sge],
+        signaled: bool,
+    ) -> Result<u16, PostError> {
+        if self.offload {
+            return Err(PostError::TooManySegments);
+        }
         let ds = 4 + sges.len();
         if ds > 63 {
             return Err(PostError::TooManySegments);
         }
         let bbs = ds.div_ceil(4) as u16;
-        let mut w = [0u8; 16 * WQEBB];
-        let idx = self.sq.pc();
-        let flags = if signaled { wqe::CQ_UPDATE } else { 0 };
-        wqe::ctrl(&mut w, wqe::op::SEND, idx, self.qpn, ds as u8, flags, 0);
-        wqe::datagram(&mut w[16..64], av);
-        for (k, s) in sges.iter().enumerate() {
-            wqe::data(&mut w[64 + k * DS..], s.len, s.lkey, s.addr);
-        }
+        let flags = u64::from(if signaled { wqe::CQ_UPDATE } else { 0 });
         let idx = self.sq.claim(bbs).ok_or(PostError::Full)?;
-        for b in 0..usize::from(bbs) {
-            let slot = usize::from(idx.wrapping_add(b as u16)) & (usize::from(self.sq.len()) - 1);
-            self.buf.write(
-                self.sq_offset + slot * WQEBB,
-                &w[b * WQEBB..(b + 1) * WQEBB],
-            );
+        let mask = usize::from(self.sq.len()) - 1;
+        self.wqe_bbs[usize::from(idx) & mask] = bbs as u8;
+        let w0 = (u64::from((u32::from(idx) << 8) | u32::from(wqe::op::SEND)) << 32)
+            | u64::from((self.qpn << 8) | ds as u32);
+        let block = |n: usize| {
+            self.buf
+                .block(self.sq_offset + (usize::from(idx).wrapping_add(n) & mask) * WQEBB)
+        };
+        let Some(b0) = block(0) else {
+            return Err(PostError::Full);
+        };
+        b0.set_be64(0, w0);
+        b0.set_be64(8, flags << 32);
+        for (k, w) in ah.words().iter().enumerate() {
+            b0.set_be64(16 + 8 * k, *w);
         }
-        let mut c = [0u8; 8];
-        c.copy_from_slice(&w[..8]);
-        self.last_ctrl = Some(c);
+        // Data segments: four per following basic block.
+        for (k, s) in sges.iter().enumerate() {
+            let Some(b) = block(1 + k / 4) else {
+                return Err(PostError::Full);
+            };
+            let o = (k % 4) * DS;
+            b.set_be64(
+                o,
+                (u64::from(s.len & 0x7FFF_FFFF) << 32) | u64::from(s.lkey),
+            );
+            b.set_be64(o + 8, s.addr);
+        }
+        self.last_ctrl = Some(w0.to_be_bytes());
         Ok(idx)
     }
 
@@ -605,18 +639,45 @@ impl Qp {
 
     /// Writes a receive WQE (not yet published).
     pub fn post_recv(&mut self, sges: &[Sge]) -> Result<(), PostError> {
-        if sges.len() > self.rq_sge {
+        if sges.len() > self.rq_sge || sges.len() >= 8 {
             return Err(PostError::TooManySegments);
         }
         let slot = self.rq.claim().ok_or(PostError::Full)?;
-        let mut w = [0u8; 16 * 64];
+        let base = slot * self.rq_stride;
+        // Data segments (§7.6) as two 64-bit words each, then the terminator.
+        let seg = |s: &Sge| {
+            [
+                (u64::from(s.len & 0x7FFF_FFFF) << 32) | u64::from(s.lkey),
+                s.addr,
+            ]
+        };
+        let term = [u64::from(self.terminator), 0];
+        if let [s] = sges
+            && self.rq_stride <= WQEBB
+            && let Some(blk) = self.buf.block(base & !(WQEBB - 1))
+        {
+            // The common single-buffer receive: four stores in one block
+            // (strides up to 64 bytes never straddle one).
+            let [a, b] = seg(s);
+            let o = base & (WQEBB - 1);
+            blk.set_be64(o, a);
+            blk.set_be64(o + 8, b);
+            if self.rq_stride > DS {
+                blk.set_be64(o + 16, term[0]);
+                blk.set_be64(o + 24, term[1]);
+            }
+            return Ok(());
+        }
+        let mut w = [0u64; 2 * 8];
         for (k, s) in sges.iter().enumerate() {
-            wqe::data(&mut w[k * DS..], s.len, s.lkey, s.addr);
+            w[2 * k..2 * k + 2].copy_from_slice(&seg(s));
         }
+        let mut n = 2 * sges.len();
         if sges.len() * DS < self.rq_stride {
-            wqe::data(&mut w[sges.len() * DS..], 0, self.terminator, 0);
+            w[n..n + 2].copy_from_slice(&term);
+            n += 2;
         }
-        self.buf.write(slot * self.rq_stride, &w[..self.rq_stride]);
+        self.buf.write_be64s(base, &w[..n]);
         Ok(())
     }
 
@@ -626,17 +687,12 @@ impl Qp {
         self.dbr.write_be32(0, u32::from(self.rq.head()));
     }
 
-    /// A send completion for the WQE at `wqe_index` arrived.
+    /// A send completion for the WQE at `wqe_index` arrived: it and every
+    /// WQE before it are done.
     pub fn send_done(&mut self, wqe_index: u16) {
-        let ds = be32(&self.wqe_ctrl(wqe_index), 4) & 0x3F;
-        self.sq.complete(wqe_index, (ds as u16).div_ceil(4).max(1));
-    }
-
-    fn wqe_ctrl(&self, wqe_index: u16) -> [u8; 8] {
         let slot = usize::from(wqe_index) & (usize::from(self.sq.len()) - 1);
-        let mut c = [0u8; 8];
-        self.buf.read(self.sq_offset + slot * WQEBB, &mut c);
-        c
+        let bbs = u16::from(self.wqe_bbs[slot]);
+        self.sq.complete(wqe_index, bbs);
     }
 
     /// A receive completion arrived (RQ WQEs complete in order).

@@ -87,6 +87,31 @@ pub fn datagram(w: &mut [u8], av: &AddressVector) {
     }
 }
 
+/// A datagram segment encoded once per destination, as IPoIB caches an
+/// address handle per path: posting copies six words instead of encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressHandle {
+    words: [u64; 6],
+}
+
+impl AddressHandle {
+    /// Encodes `av`.
+    pub fn new(av: &AddressVector) -> AddressHandle {
+        let mut b = [0u8; 48];
+        datagram(&mut b, av);
+        let mut words = [0u64; 6];
+        for (w, c) in words.iter_mut().zip(b.chunks_exact(8)) {
+            *w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        }
+        AddressHandle { words }
+    }
+
+    /// The segment as big-endian 64-bit words.
+    pub fn words(&self) -> &[u64; 6] {
+        &self.words
+    }
+}
+
 /// Writes a 16-byte data (pointer) segment.
 pub fn data(w: &mut [u8], byte_count: u32, lkey: u32, addr: u64) {
     put_be32(w, 0x00, byte_count & 0x7FFF_FFFF);
@@ -182,6 +207,21 @@ mod tests {
         assert_eq!(&w[16 + 6..16 + 8], &[0x05, 0xA8]);
         assert_eq!(&w[16 + 0x0C..16 + 0x0E], &[0x00, 58]);
         assert_eq!(&w[16 + 0x0E..16 + 0x0E + 58], &hdr[..]);
+    }
+
+    #[test]
+    fn address_handle_is_the_datagram_segment() {
+        let av = AddressVector {
+            dqpn: 0x456,
+            qkey: 0xB,
+            dlid: 0x12,
+            ..AddressVector::default()
+        };
+        let ah = AddressHandle::new(&av);
+        // §7.10 worked example, bytes 0x10-0x3F of the WQE.
+        assert_eq!(ah.words()[0], 0x0000_000B_0000_0000);
+        assert_eq!(ah.words()[1], 0x8000_0456_0000_0012);
+        assert!(ah.words()[2..].iter().all(|&w| w == 0));
     }
 
     #[test]

@@ -3,8 +3,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::mmap::MmapRegion;
+
 use vm_memory::{Bytes, VolatileMemory, VolatileSlice};
 
 use super::{Iova, IovaSpace, Transport, TransportError};
@@ -101,10 +103,12 @@ impl DmaMem {
 
 /// Driver-owned DMA memory: zeroed anonymous memory mapped at an IOVA.
 ///
-/// Reached only through copying accessors. Offsets past the end are
-/// ignored (reads give zeros) and logged: they are driver bugs, never input.
+/// Reached only through copying and atomic accessors, never references.
+/// Offsets past the end are ignored (reads give zeros) and logged: they are
+/// driver bugs, never input.
 #[derive(Debug)]
 pub struct DmaBuffer {
+    region: Arc<MmapRegion<()>>,
     mem: DmaMem,
     iova: Iova,
     released: bool,
@@ -119,8 +123,9 @@ impl DmaBuffer {
         len: usize,
     ) -> Result<DmaBuffer, TransportError> {
         let len = len.max(1).next_multiple_of(4096);
-        let region = MmapRegion::<()>::new(len).map_err(|e| TransportError::Alloc(len, e))?;
-        let backing: Arc<dyn DmaBacking> = Arc::new(region);
+        let region =
+            Arc::new(MmapRegion::<()>::new(len).map_err(|e| TransportError::Alloc(len, e))?);
+        let backing: Arc<dyn DmaBacking> = region.clone();
         let mem = DmaMem::new(backing, 0, len).ok_or(TransportError::BadMapping {
             iova: Iova(0),
             len: len as u64,
@@ -132,6 +137,7 @@ impl DmaBuffer {
             return Err(e);
         }
         Ok(DmaBuffer {
+            region,
             mem,
             iova,
             released: false,
@@ -172,9 +178,13 @@ impl DmaBuffer {
         self.mem.is_empty()
     }
 
+    fn vs(&self) -> VolatileSlice<'_> {
+        self.region.as_volatile_slice()
+    }
+
     /// Copies bytes out of the buffer.
     pub fn read(&self, off: usize, buf: &mut [u8]) {
-        if !self.mem.read(off, buf) {
+        if self.vs().read_slice(buf, off).is_err() {
             buf.fill(0);
             tracing::error!(
                 off,
@@ -187,7 +197,7 @@ impl DmaBuffer {
 
     /// Copies bytes into the buffer.
     pub fn write(&self, off: usize, buf: &[u8]) {
-        if !self.mem.write(off, buf) {
+        if self.vs().write_slice(buf, off).is_err() {
             tracing::error!(
                 off,
                 len = buf.len(),
@@ -205,40 +215,144 @@ impl DmaBuffer {
         }
     }
 
-    /// Reads one byte.
+    /// Address of `[off, off + n)` when it lies inside the buffer and is
+    /// aligned to `n` (a power of two).
+    #[inline]
+    fn at(&self, off: usize, n: usize) -> Option<*mut u8> {
+        let end = off.checked_add(n)?;
+        (end <= self.region.size() && off & (n - 1) == 0)
+            .then(|| self.region.as_ptr().wrapping_add(off))
+    }
+
+    /// Reads one byte (an ownership byte: acquire ordering).
+    #[inline]
     pub fn read_u8(&self, off: usize) -> u8 {
-        let mut b = [0u8; 1];
-        self.read(off, &mut b);
-        b[0]
+        match self.at(off, 1) {
+            // SAFETY: `at` checked that the byte lies inside our live mapping;
+            // the device shares this memory, hence an atomic access.
+            Some(p) => unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Acquire),
+            None => 0,
+        }
     }
 
     /// Writes one byte.
+    #[inline]
     pub fn write_u8(&self, off: usize, v: u8) {
-        self.write(off, &[v]);
+        if let Some(p) = self.at(off, 1) {
+            // SAFETY: inside our live mapping (checked by `at`).
+            unsafe { AtomicU8::from_ptr(p) }.store(v, Ordering::Relaxed);
+        }
     }
 
-    /// Reads a big-endian 32-bit word.
+    /// Reads a big-endian 32-bit word at a 4-byte aligned offset (0 if out
+    /// of bounds or misaligned).
+    #[inline]
     pub fn read_be32(&self, off: usize) -> u32 {
-        let mut b = [0u8; 4];
-        self.read(off, &mut b);
-        u32::from_be_bytes(b)
+        match self.at(off, 4) {
+            // SAFETY: inside our live mapping and 4-byte aligned (checked by
+            // `at`; the mapping itself is page aligned).
+            Some(p) => {
+                u32::from_be(unsafe { AtomicU32::from_ptr(p.cast()) }.load(Ordering::Relaxed))
+            }
+            None => 0,
+        }
     }
 
-    /// Writes a big-endian 32-bit word.
+    /// Writes a big-endian 32-bit word at a 4-byte aligned offset.
+    #[inline]
     pub fn write_be32(&self, off: usize, v: u32) {
-        self.write(off, &v.to_be_bytes());
+        if let Some(p) = self.at(off, 4) {
+            // SAFETY: inside our live mapping and aligned (checked by `at`).
+            unsafe { AtomicU32::from_ptr(p.cast()) }.store(v.to_be(), Ordering::Relaxed);
+        }
+    }
+
+    /// Writes a big-endian 64-bit word at an 8-byte aligned offset in one
+    /// store.
+    #[inline]
+    pub fn write_be64(&self, off: usize, v: u64) {
+        if let Some(p) = self.at(off, 8) {
+            // SAFETY: inside our live mapping and aligned (checked by `at`).
+            unsafe { AtomicU64::from_ptr(p.cast()) }.store(v.to_be(), Ordering::Relaxed);
+        }
+    }
+
+    /// Writes big-endian 64-bit words from an 8-byte aligned offset.
+    #[inline]
+    pub fn write_be64s(&self, off: usize, words: &[u64]) {
+        let Some(p) = self
+            .at(off, 8)
+            .filter(|_| off + 8 * words.len() <= self.region.size())
+        else {
+            tracing::error!(off, n = words.len(), "DMA write out of bounds");
+            return;
+        };
+        for (k, w) in words.iter().enumerate() {
+            // SAFETY: `at` checked alignment and the filter that all words fit
+            // inside our live mapping.
+            unsafe { AtomicU64::from_ptr(p.wrapping_add(k * 8).cast()) }
+                .store(w.to_be(), Ordering::Relaxed);
+        }
+    }
+
+    /// A view of the 64-byte block at a 64-byte aligned offset, for several
+    /// accesses behind one bounds check.
+    #[inline]
+    pub fn block(&self, off: usize) -> Option<Block<'_>> {
+        self.at(off, 64).map(|p| Block {
+            p,
+            _buf: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A 64-byte aligned block of a [`DmaBuffer`] (a CQE, an EQE, a WQE basic
+/// block): offsets are taken modulo 64, so no access leaves it.
+#[derive(Clone, Copy, Debug)]
+pub struct Block<'a> {
+    p: *mut u8,
+    _buf: std::marker::PhantomData<&'a DmaBuffer>,
+}
+
+impl Block<'_> {
+    /// The big-endian dword at `off & 0x3C`.
+    #[inline]
+    pub fn be32(&self, off: usize) -> u32 {
+        // SAFETY: the block is 64 bytes inside a live mapping, 64-byte
+        // aligned, and `off & 0x3C` keeps the dword inside it and aligned.
+        u32::from_be(
+            unsafe { AtomicU32::from_ptr(self.p.wrapping_add(off & 0x3C).cast()) }
+                .load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stores the big-endian 64-bit word at `off & 0x38`.
+    #[inline]
+    pub fn set_be64(&self, off: usize, v: u64) {
+        // SAFETY: as for `be32`, with 8-byte words.
+        unsafe { AtomicU64::from_ptr(self.p.wrapping_add(off & 0x38).cast()) }
+            .store(v.to_be(), Ordering::Relaxed);
+    }
+
+    /// Stores a 64-byte image (a WQE basic block) as eight 64-bit stores.
+    #[inline]
+    pub fn write_all(&self, b: &[u8; 64]) {
+        for (k, q) in b.chunks_exact(8).enumerate() {
+            let v = u64::from_ne_bytes([q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]]);
+            // SAFETY: as for `be32`: word k of the block, aligned and inside it.
+            unsafe { AtomicU64::from_ptr(self.p.wrapping_add(k * 8).cast()) }
+                .store(v, Ordering::Relaxed);
+        }
     }
 }
 
 fn bytes_fill<B: BitmapSlice>(s: &VolatileSlice<'_, B>, byte: u8) {
-    const CHUNK: [u8; 256] = [0; 256];
     let pattern = [byte; 256];
-    let src = if byte == 0 { &CHUNK } else { &pattern };
     let mut off = 0;
     while off < s.len() {
-        let n = (s.len() - off).min(src.len());
+        let n = (s.len() - off).min(pattern.len());
         // Bounds checked by the loop condition; an error is impossible here.
-        let _ = s.write_slice(&src[..n], off);
+        let _ = s.write_slice(&pattern[..n], off);
         off += n;
     }
 }

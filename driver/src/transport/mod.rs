@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use dma::{DmaBacking, DmaBuffer, DmaMem};
+pub use dma::{Block, DmaBacking, DmaBuffer, DmaMem};
 pub use iova::{IovaRange, IovaSpace, x86_default_ranges};
 pub use mmio::Mmio;
 use vmm_sys_util::eventfd::EventFd;
