@@ -248,14 +248,11 @@ impl DmaBuffer {
     /// of bounds or misaligned).
     #[inline]
     pub fn read_be32(&self, off: usize) -> u32 {
-        match self.at(off, 4) {
-            // SAFETY: inside our live mapping and 4-byte aligned (checked by
-            // `at`; the mapping itself is page aligned).
-            Some(p) => {
-                u32::from_be(unsafe { AtomicU32::from_ptr(p.cast()) }.load(Ordering::Relaxed))
-            }
-            None => 0,
-        }
+        let Some(p) = self.at(off, 4) else { return 0 };
+        // SAFETY: inside our live mapping and 4-byte aligned (checked by
+        // `at`; the mapping itself is page aligned).
+        let word = unsafe { AtomicU32::from_ptr(p.cast()) };
+        u32::from_be(word.load(Ordering::Relaxed))
     }
 
     /// Writes a big-endian 32-bit word at a 4-byte aligned offset.
