@@ -74,9 +74,9 @@ fn unicast_multicast_and_violations() {
     let c = rc[0];
     assert_eq!(c.opcode, opcode::RESP_SEND);
     assert_eq!(c.byte_cnt as usize, 40 + msg.len());
-    assert_eq!(c.src_qpn, a.qp.qpn());
+    assert_eq!(c.src_qpn(), a.qp.qpn());
     assert_eq!(c.slid, a.lid);
-    assert!(!c.grh);
+    assert!(!c.grh());
     let mut got = vec![0u8; msg.len()];
     b.mem.read(40, &mut got);
     assert_eq!(&got, msg);
@@ -106,7 +106,7 @@ fn unicast_multicast_and_violations() {
     a.qp.send_done(sc[0].wqe_counter);
     let rc = b.wait_cqes(true, 1, Duration::from_secs(2));
     assert_eq!(rc.len(), 1);
-    assert!(rc[0].grh, "multicast carries a GRH");
+    assert!(rc[0].grh(), "multicast carries a GRH");
     let mut grh = [0u8; 40];
     b.mem.read(RX_BUF, &mut grh);
     assert_eq!(grh[0] >> 4, 6);

@@ -803,7 +803,7 @@ impl Gsi {
                     ev.incoming.push(IncomingMad {
                         mad,
                         slid: c.slid,
-                        src_qpn: c.src_qpn,
+                        src_qpn: c.src_qpn(),
                         pkey: c.imm_or_pkey as u16,
                     });
                 }

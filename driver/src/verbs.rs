@@ -88,7 +88,7 @@ impl Cq {
             }
             dma_rmb();
             let Some(b) = self.buf.block(off) else { break };
-            out[n] = Cqe::from_dwords(|o| b.be32(o));
+            out[n] = Cqe::decode(|o| b.be64(o));
             self.ring.advance();
             n += 1;
         }
@@ -263,6 +263,8 @@ pub struct Qp {
     rq_stride: usize,
     sq_offset: usize,
     rq_sge: usize,
+    /// Every RQ WQE holds one data segment and a pre-written terminator.
+    rq_uniform: bool,
     offload: bool,
     uar: u32,
     bf_offset: u32,
@@ -354,6 +356,15 @@ impl Qp {
                 .caps()
                 .get(crate::layout::caps::field::LOG_BF_REG_SIZE)
                 .clamp(6, 11);
+        // Single-buffer receives only write their data segment when every
+        // WQE's second segment already is the terminator.
+        let terminator = hca.terminator_lkey();
+        let rq_uniform = cfg.srq.is_none() && rq_stride > DS;
+        if rq_uniform {
+            for slot in 0..(1usize << cfg.log_rq) {
+                buf.write_be64(slot * rq_stride + DS, u64::from(terminator));
+            }
+        }
         Ok(Qp {
             qpn,
             buf,
@@ -363,13 +374,14 @@ impl Qp {
             rq_stride,
             sq_offset,
             rq_sge: usize::from(cfg.rq_sge),
+            rq_uniform,
             offload: cfg.offload,
             uar: hca.uar(),
             bf_offset: 0,
             bf_half: bf_size / 2,
             last_ctrl: None,
             wqe_bbs: vec![1; 1usize << cfg.log_sq],
-            terminator: hca.terminator_lkey(),
+            terminator,
             qpc: c,
             state: QpState::Reset,
         })
@@ -569,8 +581,8 @@ impl Qp {
         };
         b0.set_be64(0, w0);
         b0.set_be64(8, flags << 32);
-        for (k, w) in ah.words().iter().enumerate() {
-            b0.set_be64(16 + 8 * k, *w);
+        for (k, w) in ah.images().iter().enumerate() {
+            b0.set_image64(16 + 8 * k, *w);
         }
         // Data segments: four per following basic block.
         for (k, s) in sges.iter().enumerate() {
@@ -662,12 +674,14 @@ impl Qp {
             let o = base & (WQEBB - 1);
             blk.set_be64(o, a);
             blk.set_be64(o + 8, b);
-            if self.rq_stride > DS {
+            if self.rq_stride > DS && !self.rq_uniform {
                 blk.set_be64(o + 16, term[0]);
                 blk.set_be64(o + 24, term[1]);
             }
             return Ok(());
         }
+        // A WQE with another shape moves terminators: rewrite them from now on.
+        self.rq_uniform = false;
         let mut w = [0u64; 2 * 8];
         for (k, s) in sges.iter().enumerate() {
             w[2 * k..2 * k + 2].copy_from_slice(&seg(s));

@@ -182,7 +182,107 @@ fn bench() -> Result<(), String> {
             "--measurement-time",
             "5",
         ]),
-    )
+    )?;
+    run(
+        "UD send + receive, batch 32, 2044-byte packets",
+        cargo().args([
+            "bench",
+            "-p",
+            "ipoib-tests",
+            "--bench",
+            "ud_pps",
+            "--",
+            "--packets",
+            "200000",
+        ]),
+    )?;
+    driver_instructions_per_packet()
+}
+
+/// Runs the UD benchmark under callgrind, collecting only inside its
+/// measured loop, and splits the instructions by where the code lives:
+/// the driver (its source files, or library code inlined into its
+/// functions), the benchmark harness, and the rest (the software HCA, the
+/// channel to its thread, sleeping).
+fn driver_instructions_per_packet() -> Result<(), String> {
+    if !have("valgrind") || !have("callgrind_annotate") {
+        return Err(
+            "valgrind is needed for the instruction count (apt-get install valgrind)".into(),
+        );
+    }
+    let out = cargo()
+        .args([
+            "bench",
+            "-p",
+            "ipoib-tests",
+            "--bench",
+            "ud_pps",
+            "--no-run",
+        ])
+        .output()
+        .map_err(|e| format!("cargo bench --no-run: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let exe = text
+        .lines()
+        .find_map(|l| {
+            l.split_once("benches/ud_pps.rs (")
+                .map(|(_, r)| r.trim_end_matches(')').to_string())
+        })
+        .ok_or("cannot find the ud_pps benchmark executable")?;
+    let profile = std::env::temp_dir().join(format!("ud_pps.{}.callgrind", std::process::id()));
+    let run = Command::new("valgrind")
+        .current_dir(root())
+        .args(["--tool=callgrind", "--toggle-collect=*datapath_round*"])
+        .arg(format!("--callgrind-out-file={}", profile.display()))
+        .arg(&exe)
+        .args(["--packets", "6400"])
+        .output()
+        .map_err(|e| format!("valgrind: {e}"))?;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let packets: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ud_pps: measured_packets="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("the benchmark did not report its packet count")?;
+    let ann = Command::new("callgrind_annotate")
+        .arg(&profile)
+        .output()
+        .map_err(|e| format!("callgrind_annotate: {e}"))?;
+    let _ = std::fs::remove_file(&profile);
+    let (mut driver, mut harness, mut other) = (0u64, 0u64, 0u64);
+    let report = String::from_utf8_lossy(&ann.stdout);
+    let rows = report
+        .lines()
+        .skip_while(|l| !l.contains("file:function"))
+        .skip(2);
+    for l in rows.take_while(|l| !l.trim().is_empty()) {
+        let Some((count, rest)) = l.trim().split_once(' ') else {
+            continue;
+        };
+        let Ok(n) = count.replace(',', "").parse::<u64>() else {
+            continue;
+        };
+        let place = rest.split_once("%)").map_or(rest, |(_, r)| r).trim();
+        let (file, func) = place.split_once(':').unwrap_or(("", place));
+        if file.contains("driver/src/") || func.contains("mlx5_driver::") {
+            driver += n;
+        } else if file.contains("tests/") {
+            harness += n;
+        } else {
+            other += n;
+        }
+    }
+    println!("==> driver instructions per UD packet (send + receive, batch 32, callgrind)");
+    println!("    driver:  {:.0} per packet", driver as f64 / packets);
+    println!(
+        "    harness: {:.0} per packet (benchmark loop)",
+        harness as f64 / packets
+    );
+    println!(
+        "    other:   {:.0} per packet (software HCA, its channel, sleeping)",
+        other as f64 / packets
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {

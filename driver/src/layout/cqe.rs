@@ -1,6 +1,6 @@
 //! Completion queue entries (reference §6.2–6.4).
 
-use super::be32;
+use super::be64;
 
 /// CQE size used by this driver.
 pub const CQE_LEN: usize = 64;
@@ -63,87 +63,104 @@ impl CqeError {
     }
 }
 
-/// A decoded CQE.
+/// A decoded CQE. The flag-like receive fields stay packed as the device
+/// wrote them and are unpacked by the accessors, so polling stores little.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cqe {
     /// CQE opcode (bits 7:4 of op_own).
     pub opcode: u8,
-    /// QP the completion belongs to.
-    pub qpn: u32,
+    /// Requester: opcode of the completed WQE.
+    pub wqe_opcode: u8,
     /// WQE counter (requester: wqe_index of the WQE).
     pub wqe_counter: u16,
+    /// QP the completion belongs to.
+    pub qpn: u32,
     /// Receive: bytes written (UD: including the 40-byte GRH area).
     pub byte_cnt: u32,
-    /// Receive: source QPN.
-    pub src_qpn: u32,
-    /// Receive: source LID.
-    pub slid: u16,
-    /// Receive: service level.
-    pub sl: u8,
-    /// Receive: GRH present in the buffer.
-    pub grh: bool,
-    /// Receive: destination LID path bits.
-    pub path_bits: u8,
     /// QP1 receive: P_Key of the packet; with immediate: the immediate.
     pub imm_or_pkey: u32,
-    /// Receive checksum flags (hds_ip_ext).
-    pub csum_ok: u8,
+    /// Receive: source LID.
+    pub slid: u16,
+    /// Receive: `flags_rqpn` (source QPN, SL, GRH indication).
+    pub flags_rqpn: u32,
+    /// Receive: `ml_path` (bits 15:8) and `hds_ip_ext` (bits 7:0).
+    pub path_csum: u16,
     /// Error CQEs: decoded syndrome.
     pub error: Option<CqeError>,
     /// Error CQEs: vendor syndrome.
     pub vendor_syndrome: u8,
-    /// Requester: opcode of the completed WQE.
-    pub wqe_opcode: u8,
 }
 
 impl Cqe {
-    /// Decodes a CQE. Never panics.
-    pub fn parse(e: &[u8; CQE_LEN]) -> Cqe {
-        Cqe::from_dwords(|off| be32(e, off))
+    /// Receive: source QPN.
+    pub fn src_qpn(&self) -> u32 {
+        self.flags_rqpn & 0xFF_FFFF
     }
 
-    /// Decodes a CQE from its big-endian dwords, `d(offset)` giving the
-    /// dword at a 4-byte aligned offset. Reads only the eight dwords it
-    /// needs, so a poller can take them straight from the CQ buffer.
+    /// Receive: service level.
+    pub fn sl(&self) -> u8 {
+        ((self.flags_rqpn >> 24) & 0xF) as u8
+    }
+
+    /// Receive: a GRH was placed in the first 40 bytes of the buffer.
+    pub fn grh(&self) -> bool {
+        (self.flags_rqpn >> 28) & 0x3 == 1
+    }
+
+    /// Receive: destination LID path bits.
+    pub fn path_bits(&self) -> u8 {
+        (self.path_csum >> 8) as u8
+    }
+
+    /// Receive checksum flags: bit 0 L2 OK, bit 1 L3 OK, bit 2 L4 OK.
+    pub fn csum_ok(&self) -> u8 {
+        self.path_csum as u8
+    }
+
+    /// Decodes a CQE. Never panics.
+    pub fn parse(e: &[u8; CQE_LEN]) -> Cqe {
+        Cqe::decode(|off| be64(e, off))
+    }
+
+    /// Decodes a CQE from its big-endian 64-bit words, `q(offset)` giving
+    /// the word at an 8-byte aligned offset. Reads only the words it needs
+    /// (one for a send completion, five for a receive), so a poller can take
+    /// them straight from the CQ buffer.
     #[inline]
-    pub fn from_dwords(d: impl Fn(usize) -> u32) -> Cqe {
-        let sop = d(0x38);
-        let w3c = d(0x3C);
+    pub fn decode(q: impl Fn(usize) -> u64) -> Cqe {
+        let w38 = q(0x38);
+        let sop = (w38 >> 32) as u32;
+        let w3c = w38 as u32;
         let op = ((w3c & 0xFF) >> 4) as u8;
         let mut c = Cqe {
             opcode: op,
-            qpn: sop & 0xFF_FFFF,
+            wqe_opcode: (sop >> 24) as u8,
             wqe_counter: (w3c >> 16) as u16,
+            qpn: sop & 0xFF_FFFF,
             byte_cnt: 0,
-            src_qpn: 0,
-            slid: 0,
-            sl: 0,
-            grh: false,
-            path_bits: 0,
             imm_or_pkey: 0,
-            csum_ok: 0,
+            slid: 0,
+            flags_rqpn: 0,
+            path_csum: 0,
             error: None,
             vendor_syndrome: 0,
-            wqe_opcode: (sop >> 24) as u8,
         };
         match op {
             // Requester completions carry nothing more this driver reads.
             opcode::REQ => {}
             opcode::REQ_ERR | opcode::RESP_ERR => {
-                let w34 = d(0x34);
+                let w34 = q(0x30) as u32;
                 c.error = Some(CqeError::from_syndrome(w34 as u8));
                 c.vendor_syndrome = (w34 >> 8) as u8;
             }
             _ => {
-                let flags = d(0x18);
-                c.byte_cnt = d(0x2C);
-                c.src_qpn = flags & 0xFF_FFFF;
-                c.slid = d(0x14) as u16;
-                c.sl = ((flags >> 24) & 0xF) as u8;
-                c.grh = (flags >> 28) & 0x3 == 1;
-                c.path_bits = (d(0x10) >> 16) as u8;
-                c.imm_or_pkey = d(0x24);
-                c.csum_ok = (d(0x1C) >> 24) as u8;
+                let w10 = q(0x10);
+                let w18 = q(0x18);
+                c.byte_cnt = q(0x28) as u32;
+                c.imm_or_pkey = q(0x20) as u32;
+                c.slid = w10 as u16;
+                c.flags_rqpn = (w18 >> 32) as u32;
+                c.path_csum = ((((w10 >> 48) & 0xFF) << 8) | ((w18 >> 24) & 0xFF)) as u16;
             }
         }
         c
@@ -166,9 +183,9 @@ mod tests {
         let c = Cqe::parse(&e);
         assert_eq!(c.opcode, opcode::RESP_SEND);
         assert_eq!(c.qpn, 0x48);
-        assert_eq!(c.src_qpn, 0x49);
+        assert_eq!(c.src_qpn(), 0x49);
         assert_eq!(c.slid, 4);
-        assert!(c.grh);
+        assert!(c.grh());
         assert_eq!(c.byte_cnt, 136);
         assert_eq!(c.wqe_counter, 7);
         assert_eq!(c.error, None);

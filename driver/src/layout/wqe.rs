@@ -92,6 +92,9 @@ pub fn datagram(w: &mut [u8], av: &AddressVector) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AddressHandle {
     words: [u64; 6],
+    /// The same words as memory images (device byte order), for stores
+    /// without byte swapping.
+    images: [u64; 6],
 }
 
 impl AddressHandle {
@@ -100,10 +103,22 @@ impl AddressHandle {
         let mut b = [0u8; 48];
         datagram(&mut b, av);
         let mut words = [0u64; 6];
-        for (w, c) in words.iter_mut().zip(b.chunks_exact(8)) {
-            *w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let mut images = [0u64; 6];
+        for ((w, i), c) in words
+            .iter_mut()
+            .zip(images.iter_mut())
+            .zip(b.chunks_exact(8))
+        {
+            let bytes = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
+            *w = u64::from_be_bytes(bytes);
+            *i = u64::from_ne_bytes(bytes);
         }
-        AddressHandle { words }
+        AddressHandle { words, images }
+    }
+
+    /// The segment as memory images of its 64-bit words.
+    pub fn images(&self) -> &[u64; 6] {
+        &self.images
     }
 
     /// The segment as big-endian 64-bit words.

@@ -323,12 +323,31 @@ impl Block<'_> {
         )
     }
 
+    /// The big-endian 64-bit word at `off & 0x38`.
+    #[inline]
+    pub fn be64(&self, off: usize) -> u64 {
+        // SAFETY: as for `be32`, with 8-byte words.
+        u64::from_be(
+            unsafe { AtomicU64::from_ptr(self.p.wrapping_add(off & 0x38).cast()) }
+                .load(Ordering::Relaxed),
+        )
+    }
+
     /// Stores the big-endian 64-bit word at `off & 0x38`.
     #[inline]
     pub fn set_be64(&self, off: usize, v: u64) {
         // SAFETY: as for `be32`, with 8-byte words.
         unsafe { AtomicU64::from_ptr(self.p.wrapping_add(off & 0x38).cast()) }
             .store(v.to_be(), Ordering::Relaxed);
+    }
+
+    /// Stores 8 bytes given as their memory image (already in device byte
+    /// order) at `off & 0x38`.
+    #[inline]
+    pub fn set_image64(&self, off: usize, image: u64) {
+        // SAFETY: as for `be32`, with 8-byte words.
+        unsafe { AtomicU64::from_ptr(self.p.wrapping_add(off & 0x38).cast()) }
+            .store(image, Ordering::Relaxed);
     }
 
     /// Stores a 64-byte image (a WQE basic block) as eight 64-bit stores.
