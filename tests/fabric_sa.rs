@@ -198,6 +198,12 @@ fn sa_requests_retry_through_loss() {
 fn port_events_reach_the_driver() {
     let fabric = Fabric::new(FabricConfig::default()).unwrap();
     let mut a = Node::new(&fabric, 0x0002_c903_0000_0a00, QKEY);
+    // The SM took the port through the IB states in order.
+    assert_eq!(
+        a.dev.report().port_states,
+        vec![1, 2, 3, 4],
+        "DOWN, INIT, ARMED, ACTIVE"
+    );
     // Link flap.
     fabric.set_link(0, false);
     assert!(wait_event(&mut a, PortChange::Down));
@@ -483,4 +489,83 @@ fn capture_decodes_in_tshark() {
         assert!(n.finish().0.clean());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn send_only_members_send_but_do_not_receive() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let mut a = Node::new(&fabric, 0x0002_c903_0000_0a00, QKEY);
+    let mut b = Node::new(&fabric, 0x0002_c903_0000_0b00, QKEY);
+    let mut ga = Gsi::new(&mut a.hca, 1).unwrap();
+    let mut gb = Gsi::new(&mut b.hca, 1).unwrap();
+    let (agid, bgid) = (a.gid, b.gid);
+    let bcast = broadcast_mgid(0x7FFF, 2);
+    let resp = transact(
+        &mut a,
+        &mut ga,
+        mc_join(bcast, agid, 0xFFFF, join::FULL, None),
+    )
+    .unwrap();
+    let params = McMemberRecord::parse(&resp[sa::SA_DATA..]);
+    // a only sends to 239.1.2.3: a send-only full join creates the group.
+    let mut group = bcast;
+    group[12..].copy_from_slice(&[0x0f, 0x01, 0x02, 0x03]);
+    let r = transact(
+        &mut a,
+        &mut ga,
+        mc_join(group, agid, 0xFFFF, join::SEND_ONLY_FULL, Some(&params)),
+    )
+    .unwrap();
+    let g = McMemberRecord::parse(&r[sa::SA_DATA..]);
+    assert_eq!(g.join_state, join::SEND_ONLY_FULL);
+    // b listens.
+    transact(
+        &mut b,
+        &mut gb,
+        mc_join(group, bgid, 0xFFFF, join::FULL, Some(&params)),
+    )
+    .unwrap();
+    a.qp.attach(&mut a.hca, group).unwrap();
+    b.qp.attach(&mut b.hca, group).unwrap();
+    let send = |n: &mut Node| {
+        let av = AddressVector {
+            dqpn: 0xFF_FFFF,
+            qkey: g.qkey,
+            dlid: g.mlid,
+            grh: Some(Grh {
+                dgid: group,
+                ..Grh::default()
+            }),
+            ..AddressVector::default()
+        };
+        n.mem.write(TX_AREA, b"\x08\x00\x00\x00m");
+        let sge = Sge {
+            addr: n.mem.iova_at(TX_AREA).0,
+            len: 5,
+            lkey: n.hca.lkey(),
+        };
+        n.qp.post_send_ud(&av, &[sge], true).unwrap();
+        n.qp.ring_sq(n.hca.transport());
+        let c = n.wait_cqes(false, 1, Duration::from_secs(2));
+        n.qp.send_done(c[0].wqe_counter);
+    };
+    send(&mut a);
+    assert_eq!(
+        b.wait_cqes(true, 1, Duration::from_secs(2)).len(),
+        1,
+        "the listener gets it"
+    );
+    b.qp.recv_done();
+    send(&mut b);
+    assert!(
+        a.wait_cqes(true, 1, Duration::from_millis(100)).is_empty(),
+        "send-only members are not forwarded to"
+    );
+    a.qp.detach(&mut a.hca, group).unwrap();
+    b.qp.detach(&mut b.hca, group).unwrap();
+    ga.destroy(&mut a.hca).unwrap();
+    gb.destroy(&mut b.hca).unwrap();
+    for n in [a, b] {
+        assert!(n.finish().0.clean());
+    }
 }

@@ -429,3 +429,35 @@ fn checksum_and_lso_offloads() {
         assert!(n.finish().0.clean());
     }
 }
+
+#[test]
+fn inline_sends() {
+    let (_fabric, mut a, mut b) = pair();
+    let ah = mlx5_driver::layout::wqe::AddressHandle::new(&AddressVector {
+        dqpn: b.qp.qpn(),
+        qkey: QKEY,
+        dlid: b.lid,
+        ..AddressVector::default()
+    });
+    // 1, 12 (fits beside the 4-byte header), 13 (spills into the next
+    // segment) and 256 bytes (the limit) travel inside the WQE.
+    let sizes = [1usize, 12, 13, 256];
+    for (k, n) in sizes.iter().enumerate() {
+        let data: Vec<u8> = (0..*n).map(|i| (i * 3 + k) as u8).collect();
+        a.qp.post_send_inline(&ah, &data, true).unwrap();
+        a.qp.ring_sq(a.hca.transport());
+        let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+        assert_eq!(sc.len(), 1);
+        a.qp.send_done(sc[0].wqe_counter);
+        let rc = b.wait_cqes(true, 1, Duration::from_secs(2));
+        assert_eq!(rc[0].byte_cnt as usize, 40 + n);
+        let mut got = vec![0u8; *n];
+        b.mem.read(k * ipoib_tests::node::RX_BUF + 40, &mut got);
+        assert_eq!(got, data, "{n} inline bytes");
+        b.qp.recv_done();
+    }
+    assert!(a.qp.post_send_inline(&ah, &[0; 257], true).is_err());
+    for n in [a, b] {
+        assert!(n.finish().0.clean());
+    }
+}

@@ -600,6 +600,44 @@ impl Qp {
         Ok(idx)
     }
 
+    /// Most bytes [`Qp::post_send_inline`] carries in the WQE.
+    pub const MAX_INLINE: usize = 256;
+
+    /// A UD SEND whose payload travels inside the WQE (§7.6 inline data
+    /// segment): for small packets (ARP, MADs) no buffer has to stay alive
+    /// until completion.
+    pub fn post_send_inline(
+        &mut self,
+        ah: &wqe::AddressHandle,
+        data: &[u8],
+        signaled: bool,
+    ) -> Result<u16, PostError> {
+        if data.len() > Self::MAX_INLINE || self.offload {
+            return Err(PostError::TooManySegments);
+        }
+        let seg = (4 + data.len()).next_multiple_of(DS);
+        let ds = 4 + seg / DS;
+        let bbs = ds.div_ceil(4) as u16;
+        // Room for MAX_INLINE: 64 + align16(4 + 256) = 336 bytes, six blocks.
+        let mut w = [0u8; 6 * WQEBB];
+        let flags = if signaled { wqe::CQ_UPDATE } else { 0 };
+        wqe::ctrl(
+            &mut w,
+            wqe::op::SEND,
+            self.sq.pc(),
+            self.qpn,
+            ds as u8,
+            flags,
+            0,
+        );
+        for (k, word) in ah.words().iter().enumerate() {
+            w[16 + 8 * k..24 + 8 * k].copy_from_slice(&word.to_be_bytes());
+        }
+        w[64..68].copy_from_slice(&(wqe::INLINE_FLAG | data.len() as u32).to_be_bytes());
+        w[68..68 + data.len()].copy_from_slice(data);
+        self.write_wqe(&w[..usize::from(bbs) * WQEBB], bbs)
+    }
+
     /// A UD send on an offload-mode QP: checksums and LSO done by the HCA.
     pub fn post_send_ud_offload(
         &mut self,

@@ -84,6 +84,8 @@ pub struct FabricStats {
     pub dropped_no_route: u64,
     /// Dropped: malformed (shorter than an LRH).
     pub dropped_malformed: u64,
+    /// Dropped: ICRC or VCRC wrong, or lengths inconsistent.
+    pub dropped_bad_crc: u64,
     /// Duplicated.
     pub duplicated: u64,
     /// Reordered.
@@ -643,6 +645,11 @@ impl Fabric {
             st.stats.dropped_malformed += 1;
             return;
         }
+        // Every hop checks the CRCs; a corrupted packet dies at the switch.
+        if wire::parse(&pkt).is_err() {
+            st.stats.dropped_bad_crc += 1;
+            return;
+        }
         let dlid = u16::from_be_bytes([pkt[2], pkt[3]]);
         let grh = pkt[1] & 3 == wire::LNH_GLOBAL;
         let bth = wire::LRH_LEN + if grh { wire::GRH_LEN } else { 0 };
@@ -833,6 +840,9 @@ impl LocalLink {
             return;
         }
         p.up = true;
+        // The SM's sweep: the port (INIT once its link trained) gets its
+        // LID and P_Keys and goes to ARMED, then to ACTIVE.
+        Fabric::configure(&st, self.port, crate::port::state::ARMED, false);
         Fabric::configure(&st, self.port, crate::port::state::ACTIVE, false);
     }
 

@@ -165,6 +165,8 @@ pub struct Firmware {
     pub(crate) pending_fx: Effects,
     /// Datapath counters.
     pub dp: crate::queues::DpStats,
+    /// Logical port states so far (first 32).
+    pub port_history: Vec<u8>,
     /// Counters.
     pub stats: FwStats,
 }
@@ -211,6 +213,7 @@ impl Firmware {
             outbox: Vec::new(),
             pending_fx: Effects::default(),
             dp: crate::queues::DpStats::default(),
+            port_history: vec![state::DOWN],
             stats: FwStats::default(),
         }
     }
@@ -248,6 +251,13 @@ impl Firmware {
     /// Whether `uar` is allocated.
     pub fn has_uar(&self, uar: u32) -> bool {
         self.uars.contains(&uar)
+    }
+
+    /// Records a port state change for the report.
+    pub fn note_port_state(&mut self, s: u8) {
+        if self.port_history.last() != Some(&s) && self.port_history.len() < 32 {
+            self.port_history.push(s);
+        }
     }
 
     /// The port (1-based index 1 only).
@@ -633,6 +643,7 @@ impl Firmware {
                 if caps::get(&self.caps_cur, f::DISABLE_LINK_UP) == 0 {
                     self.port.phys = phys::LINK_UP;
                     self.port.state = state::INIT;
+                    self.note_port_state(state::INIT);
                 }
             }
             0x103 => {
@@ -655,6 +666,7 @@ impl Firmware {
                 self.reclaims_due.clear();
                 self.port.state = state::DOWN;
                 self.port.phys = phys::DISABLED;
+                self.note_port_state(state::DOWN);
             }
             // ACCESS_REG
             0x805 => {

@@ -112,6 +112,8 @@ pub struct SimReport {
     pub resets: u64,
     /// Pages the driver unmapped while firmware still held them.
     pub unmapped_while_held: u64,
+    /// Logical states the port went through (first 32), starting DOWN.
+    pub port_states: Vec<u8>,
 }
 
 /// Work for the device thread.
@@ -661,6 +663,7 @@ impl Device {
             dp: self.fw.dp,
             pkey_violations: self.fw.port().pkey_violations,
             qkey_violations: self.fw.port().qkey_violations,
+            port_states: self.fw.port_history.clone(),
             ignored_doorbells: n.ignored_doorbells.load(Ordering::Relaxed),
             delivery_errors: n.delivery_errors.load(Ordering::Relaxed),
             stalled_commands: n.stalled.load(Ordering::Relaxed),
@@ -715,6 +718,7 @@ impl Device {
             reregister,
         } = c;
         let old = self.fw.port.clone();
+        self.fw.note_port_state(state);
         let port = &mut self.fw.port;
         port.lid = lid;
         port.sm_lid = sm_lid;
