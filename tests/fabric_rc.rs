@@ -276,3 +276,27 @@ fn retry_exceeded_when_the_peer_disappears() {
     fabric.set_link(1, true);
     finish(a, b, ca, cb);
 }
+
+#[test]
+fn issi0_firmware_gets_a_create_srq_srq() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let old = |guid| ipoib_sim::SimConfig {
+        node_guid: guid,
+        max_issi: 0,
+        ..ipoib_sim::SimConfig::default()
+    };
+    let mut a = Node::with_config(&fabric, old(0x0002_c903_0000_0a00), 0);
+    let mut b = Node::with_config(&fabric, old(0x0002_c903_0000_0b00), 0);
+    assert_eq!(a.hca.info().issi, 0, "firmware without ISSI 1");
+    let (mut ca, mut cb) = connect(&mut a, &mut b, path(5, 14, 7, 7), true);
+    let m = message(3);
+    send(&mut a, &mut ca, &m, 0);
+    let rc = b.wait_cqes(true, 1, Duration::from_secs(2));
+    assert_eq!(rc.len(), 1);
+    let slot = cb.slots.remove(&rc[0].wqe_counter).unwrap();
+    assert!(read_slot(&b, slot, m.len()) == m);
+    cb.srq.recv_done(rc[0].wqe_counter);
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    ca.qp.send_done(sc[0].wqe_counter);
+    finish(a, b, ca, cb);
+}

@@ -99,6 +99,13 @@ pub mod node {
             Node::bring_up(dev, qkey)
         }
 
+        /// Brings up an HCA built from `cfg` on `fabric`.
+        pub fn with_config(fabric: &Fabric, cfg: SimConfig, qkey: u32) -> Node {
+            let dev = Arc::new(SimHca::new(cfg));
+            dev.connect(fabric);
+            Node::bring_up(dev, qkey)
+        }
+
         /// Brings up an HCA plugged into the fabric service at `socket`.
         pub fn new_remote(socket: &std::path::Path, guid: u64, qkey: u32) -> Node {
             let dev = Arc::new(SimHca::new(SimConfig {

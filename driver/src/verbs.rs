@@ -775,6 +775,8 @@ impl Qp {
 #[derive(Debug)]
 pub struct Srq {
     rmpn: u32,
+    /// Created with CREATE_RMP (ISSI 1) or CREATE_SRQ (ISSI 0).
+    rmp: bool,
     buf: DmaBuffer,
     dbr: DmaBuffer,
     stride: usize,
@@ -812,19 +814,34 @@ impl Srq {
                 return Err(e.into());
             }
         };
-        let cmd = crate::cmd::srq::CreateRmp {
-            pd: hca.pd(),
-            log_size,
-            log_stride: stride.trailing_zeros() as u8,
-            lwm,
-            dbr: dbr.iova(),
-            pas: (0..len.div_ceil(4096))
-                .map(|k| buf.iova_at(k * 4096))
-                .collect(),
+        // Under ISSI 1 Linux uses RMPs; ISSI 0 firmware has only SRQs.
+        let rmp = hca.info().issi >= 1;
+        let pas: Vec<_> = (0..len.div_ceil(4096))
+            .map(|k| buf.iova_at(k * 4096))
+            .collect();
+        let created = if rmp {
+            hca.exec(&crate::cmd::srq::CreateRmp {
+                pd: hca.pd(),
+                log_size,
+                log_stride: stride.trailing_zeros() as u8,
+                lwm,
+                dbr: dbr.iova(),
+                pas,
+            })
+        } else {
+            hca.exec(&crate::cmd::srq::CreateSrq {
+                pd: hca.pd(),
+                log_size,
+                log_rq_stride: (stride / DS).trailing_zeros() as u8,
+                lwm,
+                dbr: dbr.iova(),
+                pas,
+            })
         };
-        match hca.exec(&cmd) {
+        match created {
             Ok(rmpn) => Ok(Srq {
                 rmpn,
+                rmp,
                 buf,
                 dbr,
                 stride,
@@ -891,16 +908,27 @@ impl Srq {
 
     /// Re-arms the limit event.
     pub fn arm_limit<T: Transport>(&self, hca: &mut Hca<T>, lwm: u16) -> Result<(), HcaError> {
-        hca.exec(&crate::cmd::srq::ModifyRmpLwm {
-            rmpn: self.rmpn,
-            lwm,
-        })?;
+        if self.rmp {
+            hca.exec(&crate::cmd::srq::ModifyRmpLwm {
+                rmpn: self.rmpn,
+                lwm,
+            })?;
+        } else {
+            hca.exec(&crate::cmd::srq::ArmSrq {
+                srqn: self.rmpn,
+                lwm,
+            })?;
+        }
         Ok(())
     }
 
     /// Destroys the SRQ.
     pub fn destroy<T: Transport>(self, hca: &mut Hca<T>) -> Result<(), HcaError> {
-        hca.exec(&crate::cmd::srq::DestroyRmp(self.rmpn))?;
+        if self.rmp {
+            hca.exec(&crate::cmd::srq::DestroyRmp(self.rmpn))?;
+        } else {
+            hca.exec(&crate::cmd::srq::DestroySrq(self.rmpn))?;
+        }
         hca.free_dma(self.buf)?;
         hca.free_dma(self.dbr)?;
         Ok(())

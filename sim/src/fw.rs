@@ -121,6 +121,8 @@ pub struct FwParams {
     pub port_mtu: u8,
     /// Page storm: (rounds, pages).
     pub storm: Option<(u32, u32)>,
+    /// Highest ISSI the firmware offers.
+    pub max_issi: u16,
 }
 
 /// Tag firmware writes into the first bytes of every page it holds.
@@ -421,8 +423,8 @@ impl Firmware {
             0x109 => (0x1010, 0x10),
             0x203 => (0x10, 0x18),
             0x200 | 0x301 | 0x400 | 0x403 | 0x500 | 0x502..=0x505 => (0x110, 0x10),
-            0x401 | 0x501 | 0x507 | 0x50A | 0x90E => (0x10, 0x10),
-            0x90C | 0x90D => (0x110, 0x10),
+            0x401 | 0x501 | 0x507 | 0x50A | 0x90E | 0x701 | 0x703 => (0x10, 0x10),
+            0x90C | 0x90D | 0x700 => (0x110, 0x10),
             0x806 | 0x807 => (0x20, 0x10),
             0x50D => (0x110, 0x110),
             0x10B | 0x107 | 0x108 | 0x102 | 0x103 | 0x805 | 0x800 | 0x801 | 0x802 | 0x803
@@ -481,7 +483,7 @@ impl Firmware {
             0x10A => {
                 need_enabled(self)?;
                 set_field(&mut o, 0x08, 15, 0, u32::from(self.issi));
-                set_dword(&mut o, 0x6C, 0b11);
+                set_dword(&mut o, 0x6C, (2u32 << self.p.max_issi.min(30)) - 1);
             }
             0x10B => {
                 need_enabled(self)?;
@@ -489,7 +491,7 @@ impl Firmware {
                     return Err(fail(op, BAD_SYS_STATE, Reason::AlreadyInitialized));
                 }
                 let v = field(i, 0x08, 15, 0);
-                if v > 1 {
+                if v > u32::from(self.p.max_issi) {
                     return Err(fail(op, BAD_PARAM, Reason::BadIssi));
                 }
                 self.issi = v as u16;
@@ -873,7 +875,7 @@ impl Firmware {
                 self.queue_command(iommu, op, op_mod, i, &mut o)?;
             }
             // Shared receive queues (rc.rs)
-            0x90C..=0x90E => {
+            0x90C..=0x90E | 0x700 | 0x701 | 0x703 => {
                 need_init(self)?;
                 self.srq_command(iommu, op, i, &mut o)?;
             }

@@ -50,6 +50,8 @@ pub struct SimConfig {
     pub fw_version: (u16, u16, u16),
     /// PCI device id (ConnectX-5: 0x1017).
     pub pci_device: u16,
+    /// Highest ISSI firmware offers (1; 0 models old firmware).
+    pub max_issi: u16,
 }
 
 impl Default for SimConfig {
@@ -67,6 +69,7 @@ impl Default for SimConfig {
             log_cmdq_stride: 6,
             fw_version: (16, 35, 4030),
             pci_device: 0x1017,
+            max_issi: 1,
         }
     }
 }
@@ -563,6 +566,7 @@ fn fw_params(cfg: &SimConfig) -> FwParams {
             num_ports: 1,
         },
         port_mtu: cfg.port_mtu,
+        max_issi: cfg.max_issi,
         storm: cfg.faults.iter().find_map(|f| match f {
             Fault::PageStorm { rounds, pages } => Some((*rounds, *pages)),
             _ => None,

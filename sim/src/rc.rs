@@ -242,7 +242,61 @@ impl Firmware {
                     s.lwm = field(i, 0x20 + 0x30 + 0x04, 15, 0) as u16;
                 }
             }
-            0x90E => {
+            0x700 => {
+                // CREATE_SRQ: the same queue as an RMP, described by an srqc.
+                const SRQC: usize = 0x10;
+                let log_size = field(i, SRQC, 27, 24) as u8;
+                let stride = 16usize << field(i, SRQC + 0x04, 26, 24);
+                let log_pg = field(i, SRQC + 0x10, 29, 24).min(20);
+                let pd = field(i, SRQC + 0x18, 23, 0);
+                if !self.pds.contains(&pd) {
+                    return Err(fail(op, BAD_RES, Reason::UnknownObject));
+                }
+                if log_size == 0 || stride < 32 {
+                    return Err(fail(op, BAD_PARAM, Reason::BadQueueSize));
+                }
+                let page_size = 4096u64 << log_pg;
+                let bytes = (stride << log_size) as u64;
+                let n = bytes.div_ceil(page_size) as usize;
+                if i.len() < 0x110 + 8 * n {
+                    return Err(fail(op, BAD_INP_LEN, Reason::InputTooShort));
+                }
+                let pas: Vec<u64> = (0..n).map(|k| qword(i, 0x110 + 8 * k)).collect();
+                let dbr = qword(i, SRQC + 0x28);
+                if pas.iter().any(|&p| {
+                    !p.is_multiple_of(page_size) || !iommu.covers(p, page_size.min(bytes) as usize)
+                }) || !dbr.is_multiple_of(4)
+                    || !iommu.covers(dbr, 4)
+                {
+                    return Err(fail(op, BAD_PARAM, Reason::BufferNotMapped));
+                }
+                let srqn = self.next_srqn;
+                self.next_srqn = (self.next_srqn + 1) & 0xFF_FFFF;
+                self.srqs.insert(
+                    srqn,
+                    SimSrq {
+                        pd,
+                        log_size,
+                        stride,
+                        pas,
+                        page_size,
+                        dbr,
+                        head: 0,
+                        consumed: 0,
+                        lwm: field(i, SRQC + 0x1C, 31, 16) as u16,
+                    },
+                );
+                crate::bytes::set_field(o, 0x08, 23, 0, srqn);
+            }
+            0x703 => {
+                let srqn = field(i, 0x08, 23, 0);
+                let s = self
+                    .srqs
+                    .get_mut(&srqn)
+                    .ok_or(fail(op, BAD_RES, Reason::UnknownObject))?;
+                s.lwm = field(i, 0x0C, 15, 0) as u16;
+            }
+            0x90E | 0x701 => {
                 let srqn = field(i, 0x08, 23, 0);
                 if !self.srqs.contains_key(&srqn) {
                     return Err(fail(op, BAD_RES, Reason::UnknownObject));

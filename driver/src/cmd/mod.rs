@@ -52,6 +52,9 @@ impl Opcode {
     pub const TO_RST_QP: Opcode = Opcode(0x50A);
     pub const ATTACH_TO_MCG: Opcode = Opcode(0x806);
     pub const DETACH_FROM_MCG: Opcode = Opcode(0x807);
+    pub const CREATE_SRQ: Opcode = Opcode(0x700);
+    pub const DESTROY_SRQ: Opcode = Opcode(0x701);
+    pub const ARM_RQ: Opcode = Opcode(0x703);
     pub const CREATE_RMP: Opcode = Opcode(0x90C);
     pub const MODIFY_RMP: Opcode = Opcode(0x90D);
     pub const DESTROY_RMP: Opcode = Opcode(0x90E);
@@ -101,6 +104,9 @@ impl Opcode {
             0x50A => "2RST_QP",
             0x50B => "QUERY_QP",
             0x50D => "MAD_IFC",
+            0x700 => "CREATE_SRQ",
+            0x701 => "DESTROY_SRQ",
+            0x703 => "ARM_RQ",
             0x762 => "QUERY_HCA_VPORT_CONTEXT",
             0x764 => "QUERY_HCA_VPORT_GID",
             0x765 => "QUERY_HCA_VPORT_PKEY",

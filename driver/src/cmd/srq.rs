@@ -120,6 +120,103 @@ impl Command for DestroyRmp {
     }
 }
 
+/// CREATE_SRQ (§4.13): the basic SRQ for ISSI 0 firmware.
+#[derive(Clone, Debug)]
+pub struct CreateSrq {
+    /// Protection domain.
+    pub pd: u32,
+    /// log2 WQEs.
+    pub log_size: u8,
+    /// WQE size = 16 << log_rq_stride bytes.
+    pub log_rq_stride: u8,
+    /// Limit watermark.
+    pub lwm: u16,
+    /// 4-byte doorbell record.
+    pub dbr: Iova,
+    /// Buffer pages (4 KiB).
+    pub pas: Vec<Iova>,
+}
+
+const SRQC: usize = 0x10;
+
+impl Command for CreateSrq {
+    const OPCODE: Opcode = Opcode::CREATE_SRQ;
+    /// The SRQ number.
+    type Reply = u32;
+    fn inlen(&self) -> usize {
+        PAS + 8 * self.pas.len()
+    }
+    fn outlen(&self) -> usize {
+        0x10
+    }
+    fn encode(&self, i: &mut [u8]) {
+        BitField::dw(SRQC, 27, 24).set(i, u32::from(self.log_size));
+        BitField::bit(SRQC + 0x04, 28).set(i, 1); // rlky
+        BitField::dw(SRQC + 0x04, 26, 24).set(i, u32::from(self.log_rq_stride));
+        BitField::dw(SRQC + 0x10, 29, 24).set(i, 0);
+        BitField::dw(SRQC + 0x18, 23, 0).set(i, self.pd);
+        BitField::dw(SRQC + 0x1C, 31, 16).set(i, u32::from(self.lwm));
+        put_be64(i, SRQC + 0x28, self.dbr.0);
+        for (n, p) in self.pas.iter().enumerate() {
+            put_be64(i, PAS + 8 * n, p.0);
+        }
+    }
+    fn decode(&self, o: &[u8]) -> Result<u32, CmdError> {
+        Ok(RMPN.get(o))
+    }
+}
+
+/// DESTROY_SRQ.
+#[derive(Clone, Copy, Debug)]
+pub struct DestroySrq(pub u32);
+
+impl Command for DestroySrq {
+    const OPCODE: Opcode = Opcode::DESTROY_SRQ;
+    type Reply = ();
+    fn inlen(&self) -> usize {
+        0x10
+    }
+    fn outlen(&self) -> usize {
+        0x10
+    }
+    fn encode(&self, i: &mut [u8]) {
+        RMPN.set(i, self.0);
+    }
+    fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
+        Ok(())
+    }
+}
+
+/// ARM_RQ op_mod 1: re-arm the limit of an SRQ.
+#[derive(Clone, Copy, Debug)]
+pub struct ArmSrq {
+    /// SRQ.
+    pub srqn: u32,
+    /// Watermark.
+    pub lwm: u16,
+}
+
+impl Command for ArmSrq {
+    const OPCODE: Opcode = Opcode::ARM_RQ;
+    type Reply = ();
+    fn op_mod(&self) -> u16 {
+        1
+    }
+    fn inlen(&self) -> usize {
+        0x10
+    }
+    fn outlen(&self) -> usize {
+        0x10
+    }
+    fn encode(&self, i: &mut [u8]) {
+        RMPN.set(i, self.srqn);
+        BitField::dw(0x0C, 15, 0).set(i, u32::from(self.lwm));
+    }
+    fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +244,34 @@ mod tests {
         // +0x20: log_wq_stride 6 (19:16), log_wq_pg_sz 0, log_wq_sz 7.
         assert_eq!(&v[0x70..0x74], &[0x00, 0x06, 0x00, 0x07]);
         assert_eq!(&v[0x110..0x118], &[0, 0, 0, 0, 0x00, 0x70, 0, 0]);
+    }
+
+    #[test]
+    fn create_srq_golden() {
+        let v = encode_input(&CreateSrq {
+            pd: 3,
+            log_size: 7,
+            log_rq_stride: 2,
+            lwm: 16,
+            dbr: Iova(0x0060_0008),
+            pas: vec![Iova(0x0070_0000)],
+        });
+        assert_eq!(v.len(), 0x118);
+        assert_eq!(&v[0..4], &[0x07, 0x00, 0, 0]);
+        // srqc at 0x10: log_srq_size 27:24; rlky (28) | log_rq_stride 26:24.
+        assert_eq!(&v[0x10..0x18], &[0x07, 0, 0, 0, 0x12, 0, 0, 0]);
+        assert_eq!(&v[0x28..0x2C], &[0, 0, 0, 3]);
+        assert_eq!(&v[0x2C..0x30], &[0, 16, 0, 0]);
+        assert_eq!(&v[0x38..0x40], &[0, 0, 0, 0, 0x00, 0x60, 0x00, 0x08]);
+        assert_eq!(&v[0x110..0x118], &[0, 0, 0, 0, 0x00, 0x70, 0, 0]);
+        assert_eq!(
+            encode_input(&DestroySrq(0x41))[..12],
+            [0x07, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x41]
+        );
+        assert_eq!(
+            encode_input(&ArmSrq { srqn: 0x41, lwm: 8 }),
+            [0x07, 0x03, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0x41, 0, 0, 0, 8]
+        );
     }
 
     #[test]
