@@ -85,6 +85,40 @@ pub(crate) fn fail(opcode: u16, status: u8, why: Reason) -> Fail {
     }
 }
 
+/// The page list of a queue buffer of `bytes` bytes in pages of `page_size`,
+/// read from `i` at 0x110: the input must hold it (BAD_INP_LEN) and every
+/// page must be aligned and mapped (BAD_PARAM).
+pub(crate) fn queue_pages(
+    iommu: &Iommu,
+    op: u16,
+    i: &[u8],
+    page_size: u64,
+    bytes: u64,
+) -> Result<Vec<u64>, Fail> {
+    let n = usize::try_from(bytes.div_ceil(page_size)).unwrap_or(usize::MAX);
+    if i.len() < 0x110 + 8 * n.min(1 << 20) || n > 1 << 20 {
+        return Err(fail(op, status::BAD_INP_LEN, Reason::InputTooShort));
+    }
+    let pas: Vec<u64> = (0..n).map(|k| qword(i, 0x110 + 8 * k)).collect();
+    let span = page_size.min(bytes) as usize;
+    if pas
+        .iter()
+        .any(|&p| !p.is_multiple_of(page_size) || !iommu.covers(p, span))
+    {
+        return Err(fail(op, status::BAD_PARAM, Reason::BufferNotMapped));
+    }
+    Ok(pas)
+}
+
+/// Checks a doorbell record address: aligned to and mapped for `len` bytes.
+pub(crate) fn record_ok(iommu: &Iommu, op: u16, dbr: u64, len: usize) -> Result<(), Fail> {
+    if dbr.is_multiple_of(len as u64) && iommu.covers(dbr, len) {
+        Ok(())
+    } else {
+        Err(fail(op, status::BAD_PARAM, Reason::BufferNotMapped))
+    }
+}
+
 /// Device-side counters and leak evidence.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FwStats {
@@ -800,16 +834,7 @@ impl Firmware {
                 }
                 let page_size = 4096u64 << log_page.min(20);
                 let bytes = 64u64 << log_size;
-                let npages = bytes.div_ceil(page_size) as usize;
-                if i.len() < 0x110 + 8 * npages {
-                    return Err(fail(op, BAD_INP_LEN, Reason::InputTooShort));
-                }
-                let pas: Vec<u64> = (0..npages).map(|k| qword(i, 0x110 + 8 * k)).collect();
-                for &p in &pas {
-                    if p % page_size != 0 || !iommu.covers(p, page_size.min(bytes) as usize) {
-                        return Err(fail(op, BAD_PARAM, Reason::BufferNotMapped));
-                    }
-                }
+                let pas = queue_pages(iommu, op, i, page_size, bytes)?;
                 let mut mask = [0u64; 4];
                 for (k, m) in mask.iter_mut().enumerate() {
                     *m = qword(i, 0x58 + 8 * k);

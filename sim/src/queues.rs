@@ -166,10 +166,6 @@ impl SimQp {
     }
 }
 
-fn pages_of(i: &[u8], at: usize, n: usize) -> Vec<u64> {
-    (0..n).map(|k| qword(i, at + 8 * k)).collect()
-}
-
 /// A gather/scatter entry as the device sees it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Seg {
@@ -226,20 +222,9 @@ impl Firmware {
                 }
                 let page_size = 4096u64 << log_page;
                 let bytes = 64u64 << log_size;
-                let n = bytes.div_ceil(page_size) as usize;
-                if i.len() < 0x110 + 8 * n {
-                    return Err(fail(op, BAD_INP_LEN, Reason::InputTooShort));
-                }
-                let pas = pages_of(i, 0x110, n);
+                let pas = crate::fw::queue_pages(iommu, op, i, page_size, bytes)?;
                 let dbr = qword(i, CQC + 0x38);
-                if pas
-                    .iter()
-                    .any(|&p| p % page_size != 0 || !iommu.covers(p, page_size.min(bytes) as usize))
-                    || !dbr.is_multiple_of(8)
-                    || !iommu.covers(dbr, 8)
-                {
-                    return Err(fail(op, BAD_PARAM, Reason::BufferNotMapped));
-                }
+                crate::fw::record_ok(iommu, op, dbr, 8)?;
                 let cqn = self.next_cqn;
                 self.next_cqn = (self.next_cqn + 1) & 0xFF_FFFF;
                 self.cqs.insert(
@@ -389,20 +374,9 @@ impl Firmware {
             (1usize << log_rq) * rq_stride
         };
         let bytes = sq_offset + if no_sq { 0 } else { (1usize << log_sq) * 64 };
-        let n = (bytes as u64).div_ceil(page_size) as usize;
-        if i.len() < 0x110 + 8 * n {
-            return Err(fail(op, BAD_INP_LEN, Reason::InputTooShort));
-        }
-        let pas = pages_of(i, 0x110, n);
+        let pas = crate::fw::queue_pages(iommu, op, i, page_size, bytes as u64)?;
         let dbr = qword(c, 0xA0);
-        if pas
-            .iter()
-            .any(|&p| p % page_size != 0 || !iommu.covers(p, page_size.min(bytes as u64) as usize))
-            || !dbr.is_multiple_of(8)
-            || !iommu.covers(dbr, 8)
-        {
-            return Err(fail(op, BAD_PARAM, Reason::BufferNotMapped));
-        }
+        crate::fw::record_ok(iommu, op, dbr, 8)?;
         let qpn = self.next_qpn;
         self.next_qpn = (self.next_qpn + 1) & 0xFF_FFFF;
         self.qps.insert(

@@ -198,38 +198,18 @@ impl Firmware {
                 if !(4..=11).contains(&log_stride) || log_size == 0 || log_size > 16 {
                     return Err(fail(op, BAD_PARAM, Reason::BadQueueSize));
                 }
-                let stride = 1usize << log_stride;
-                let page_size = 4096u64 << log_pg;
-                let bytes = (stride << log_size) as u64;
-                let n = bytes.div_ceil(page_size) as usize;
-                if i.len() < 0x110 + 8 * n {
-                    return Err(fail(op, BAD_INP_LEN, Reason::InputTooShort));
-                }
-                let pas: Vec<u64> = (0..n).map(|k| qword(i, 0x110 + 8 * k)).collect();
-                let dbr = qword(i, WQ + 0x10);
-                if pas.iter().any(|&p| {
-                    !p.is_multiple_of(page_size) || !iommu.covers(p, page_size.min(bytes) as usize)
-                }) || !dbr.is_multiple_of(4)
-                    || !iommu.covers(dbr, 4)
-                {
-                    return Err(fail(op, BAD_PARAM, Reason::BufferNotMapped));
-                }
-                let srqn = self.next_srqn;
-                self.next_srqn = (self.next_srqn + 1) & 0xFF_FFFF;
-                self.srqs.insert(
-                    srqn,
-                    SimSrq {
-                        pd,
-                        log_size,
-                        stride,
-                        pas,
-                        page_size,
-                        dbr,
-                        head: 0,
-                        consumed: 0,
-                        lwm: field(i, WQ + 0x04, 15, 0) as u16,
-                    },
-                );
+                let lwm = field(i, WQ + 0x04, 15, 0) as u16;
+                let srqn = self.add_srq(
+                    iommu,
+                    op,
+                    i,
+                    pd,
+                    log_size,
+                    1 << log_stride,
+                    4096 << log_pg,
+                    qword(i, WQ + 0x10),
+                    lwm,
+                )?;
                 crate::bytes::set_field(o, 0x08, 23, 0, srqn);
             }
             0x90D => {
@@ -255,37 +235,18 @@ impl Firmware {
                 if log_size == 0 || stride < 32 {
                     return Err(fail(op, BAD_PARAM, Reason::BadQueueSize));
                 }
-                let page_size = 4096u64 << log_pg;
-                let bytes = (stride << log_size) as u64;
-                let n = bytes.div_ceil(page_size) as usize;
-                if i.len() < 0x110 + 8 * n {
-                    return Err(fail(op, BAD_INP_LEN, Reason::InputTooShort));
-                }
-                let pas: Vec<u64> = (0..n).map(|k| qword(i, 0x110 + 8 * k)).collect();
-                let dbr = qword(i, SRQC + 0x28);
-                if pas.iter().any(|&p| {
-                    !p.is_multiple_of(page_size) || !iommu.covers(p, page_size.min(bytes) as usize)
-                }) || !dbr.is_multiple_of(4)
-                    || !iommu.covers(dbr, 4)
-                {
-                    return Err(fail(op, BAD_PARAM, Reason::BufferNotMapped));
-                }
-                let srqn = self.next_srqn;
-                self.next_srqn = (self.next_srqn + 1) & 0xFF_FFFF;
-                self.srqs.insert(
-                    srqn,
-                    SimSrq {
-                        pd,
-                        log_size,
-                        stride,
-                        pas,
-                        page_size,
-                        dbr,
-                        head: 0,
-                        consumed: 0,
-                        lwm: field(i, SRQC + 0x1C, 31, 16) as u16,
-                    },
-                );
+                let lwm = field(i, SRQC + 0x1C, 31, 16) as u16;
+                let srqn = self.add_srq(
+                    iommu,
+                    op,
+                    i,
+                    pd,
+                    log_size,
+                    stride,
+                    4096 << log_pg,
+                    qword(i, SRQC + 0x28),
+                    lwm,
+                )?;
                 crate::bytes::set_field(o, 0x08, 23, 0, srqn);
             }
             0x703 => {
@@ -309,6 +270,42 @@ impl Firmware {
             _ => return Err(fail(op, BAD_OP, Reason::UnknownOpcode)),
         }
         Ok(())
+    }
+
+    /// Validates and records a new SRQ (RMP or SRQ form); returns its number.
+    #[allow(clippy::too_many_arguments)]
+    fn add_srq(
+        &mut self,
+        iommu: &Iommu,
+        op: u16,
+        i: &[u8],
+        pd: u32,
+        log_size: u8,
+        stride: usize,
+        page_size: u64,
+        dbr: u64,
+        lwm: u16,
+    ) -> Result<u32, Fail> {
+        let bytes = (stride << log_size) as u64;
+        let pas = crate::fw::queue_pages(iommu, op, i, page_size, bytes)?;
+        crate::fw::record_ok(iommu, op, dbr, 4)?;
+        let srqn = self.next_srqn;
+        self.next_srqn = (self.next_srqn + 1) & 0xFF_FFFF;
+        self.srqs.insert(
+            srqn,
+            SimSrq {
+                pd,
+                log_size,
+                stride,
+                pas,
+                page_size,
+                dbr,
+                head: 0,
+                consumed: 0,
+                lwm,
+            },
+        );
+        Ok(srqn)
     }
 
     /// Takes the next receive WQE of a QP (its RQ or its SRQ): the counter

@@ -1,6 +1,6 @@
 //! CREATE_CQ / DESTROY_CQ / MODIFY_CQ (reference §4.11).
 
-use super::{CmdError, Command, Opcode};
+use super::{CmdError, Command, Opcode, object_command};
 use crate::layout::{BitField, put_be64};
 use crate::transport::Iova;
 
@@ -74,26 +74,10 @@ impl Command for CreateCq {
     }
 }
 
-/// DESTROY_CQ.
-#[derive(Clone, Copy, Debug)]
-pub struct DestroyCq(pub u32);
-
-impl Command for DestroyCq {
-    const OPCODE: Opcode = Opcode::DESTROY_CQ;
-    type Reply = ();
-    fn inlen(&self) -> usize {
-        0x10
-    }
-    fn outlen(&self) -> usize {
-        0x10
-    }
-    fn encode(&self, i: &mut [u8]) {
-        CQN.set(i, self.0);
-    }
-    fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
-        Ok(())
-    }
-}
+object_command!(
+    /// DESTROY_CQ.
+    DestroyCq(u32), Opcode::DESTROY_CQ, CQN
+);
 
 /// MODIFY_CQ op_mod 0 with field select cq_period | cq_max_count: interrupt
 /// moderation as Linux sets it.

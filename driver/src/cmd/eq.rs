@@ -1,6 +1,6 @@
 //! CREATE_EQ / DESTROY_EQ (reference §4.10).
 
-use super::{CmdError, Command, Opcode};
+use super::{CmdError, Command, Opcode, object_command};
 use crate::layout::{BitField, put_be64};
 use crate::transport::Iova;
 
@@ -65,26 +65,10 @@ impl Command for CreateEq {
     }
 }
 
-/// DESTROY_EQ.
-#[derive(Clone, Copy, Debug)]
-pub struct DestroyEq(pub u8);
-
-impl Command for DestroyEq {
-    const OPCODE: Opcode = Opcode::DESTROY_EQ;
-    type Reply = ();
-    fn inlen(&self) -> usize {
-        0x10
-    }
-    fn outlen(&self) -> usize {
-        0x10
-    }
-    fn encode(&self, i: &mut [u8]) {
-        EQ_NUMBER.set(i, u32::from(self.0));
-    }
-    fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
-        Ok(())
-    }
-}
+object_command!(
+    /// DESTROY_EQ.
+    DestroyEq(u8), Opcode::DESTROY_EQ, EQ_NUMBER
+);
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 //! Bring-up, page, capability and small object commands (reference §4.1–4.9).
 
-use super::{CmdError, Command, Opcode, simple_command};
+use super::{CmdError, Command, Opcode, object_command, simple_command};
 use crate::layout::caps::{CAP_LEN, CapType, GeneralCaps};
 use crate::layout::{BitField, be32, be64, put_be64};
 use crate::transport::Iova;
@@ -381,18 +381,6 @@ impl Command for AccessReg {
     }
 }
 
-/// DEALLOC_UAR (§4.7).
-#[derive(Clone, Copy, Debug)]
-pub struct DeallocUar(pub u32);
-
-/// DEALLOC_PD (§4.7).
-#[derive(Clone, Copy, Debug)]
-pub struct DeallocPd(pub u32);
-
-/// DESTROY_MKEY (§4.9) by mkey index (key >> 8).
-#[derive(Clone, Copy, Debug)]
-pub struct DestroyMkey(pub u32);
-
 /// ALLOC_UAR (§4.7). Reply: UAR index.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AllocUar;
@@ -423,30 +411,18 @@ macro_rules! alloc24_command {
 alloc24_command!(AllocUar, Opcode::ALLOC_UAR);
 alloc24_command!(AllocPd, Opcode::ALLOC_PD);
 
-/// Release commands: a 24-bit object number at 0x08 in, nothing out.
-macro_rules! obj24_command {
-    ($name:ident, $op:expr) => {
-        impl Command for $name {
-            const OPCODE: Opcode = $op;
-            type Reply = ();
-            fn inlen(&self) -> usize {
-                0x10
-            }
-            fn outlen(&self) -> usize {
-                0x10
-            }
-            fn encode(&self, i: &mut [u8]) {
-                OBJ24.set(i, self.0);
-            }
-            fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
-                Ok(())
-            }
-        }
-    };
-}
-obj24_command!(DeallocUar, Opcode::DEALLOC_UAR);
-obj24_command!(DeallocPd, Opcode::DEALLOC_PD);
-obj24_command!(DestroyMkey, Opcode::DESTROY_MKEY);
+object_command!(
+    /// DEALLOC_UAR (§4.7).
+    DeallocUar(u32), Opcode::DEALLOC_UAR, OBJ24
+);
+object_command!(
+    /// DEALLOC_PD (§4.7).
+    DeallocPd(u32), Opcode::DEALLOC_PD, OBJ24
+);
+object_command!(
+    /// DESTROY_MKEY (§4.9) by mkey index (key >> 8).
+    DestroyMkey(u32), Opcode::DESTROY_MKEY, OBJ24
+);
 
 /// QUERY_SPECIAL_CONTEXTS (§4.8).
 #[derive(Clone, Copy, Debug, Default)]

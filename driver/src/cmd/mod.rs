@@ -447,3 +447,30 @@ macro_rules! simple_command {
     };
 }
 pub(crate) use simple_command;
+
+/// Declares a command whose input is one object number at 0x08 and whose
+/// output is only the status: the destroy, release and state-reset commands.
+macro_rules! object_command {
+    ($(#[$m:meta])* $name:ident($ty:ty), $op:expr, $field:expr) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $name(pub $ty);
+        impl Command for $name {
+            const OPCODE: Opcode = $op;
+            type Reply = ();
+            fn inlen(&self) -> usize {
+                0x10
+            }
+            fn outlen(&self) -> usize {
+                0x10
+            }
+            fn encode(&self, i: &mut [u8]) {
+                $field.set(i, u32::from(self.0));
+            }
+            fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use object_command;

@@ -1,6 +1,6 @@
 //! QP commands and the QP context (reference §4.12).
 
-use super::{CmdError, Command, Opcode};
+use super::{CmdError, Command, Opcode, object_command};
 use crate::layout::{BitField, be64, put_be64};
 use crate::transport::Iova;
 
@@ -206,41 +206,17 @@ impl Command for ModifyQp {
     }
 }
 
-macro_rules! qpn_command {
-    ($(#[$m:meta])* $name:ident, $op:expr) => {
-        $(#[$m])*
-        #[derive(Clone, Copy, Debug)]
-        pub struct $name(pub u32);
-        impl Command for $name {
-            const OPCODE: Opcode = $op;
-            type Reply = ();
-            fn inlen(&self) -> usize {
-                0x10
-            }
-            fn outlen(&self) -> usize {
-                0x10
-            }
-            fn encode(&self, i: &mut [u8]) {
-                QPN.set(i, self.0);
-            }
-            fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
-                Ok(())
-            }
-        }
-    };
-}
-
-qpn_command!(
+object_command!(
     /// DESTROY_QP.
-    DestroyQp, Opcode::DESTROY_QP
+    DestroyQp(u32), Opcode::DESTROY_QP, QPN
 );
-qpn_command!(
+object_command!(
     /// 2ERR_QP: any state to ERR (flushes outstanding WQEs).
-    QpToErr, Opcode::TO_ERR_QP
+    QpToErr(u32), Opcode::TO_ERR_QP, QPN
 );
-qpn_command!(
+object_command!(
     /// 2RST_QP: any state to RESET.
-    QpToRst, Opcode::TO_RST_QP
+    QpToRst(u32), Opcode::TO_RST_QP, QPN
 );
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! CREATE_RMP / MODIFY_RMP / DESTROY_RMP: the basic SRQ under ISSI 1
 //! (reference §4.13).
 
-use super::{CmdError, Command, Opcode};
+use super::{CmdError, Command, Opcode, object_command};
 use crate::layout::{BitField, put_be64};
 use crate::transport::Iova;
 
@@ -99,27 +99,6 @@ impl Command for ModifyRmpLwm {
     }
 }
 
-/// DESTROY_RMP.
-#[derive(Clone, Copy, Debug)]
-pub struct DestroyRmp(pub u32);
-
-impl Command for DestroyRmp {
-    const OPCODE: Opcode = Opcode::DESTROY_RMP;
-    type Reply = ();
-    fn inlen(&self) -> usize {
-        0x10
-    }
-    fn outlen(&self) -> usize {
-        0x10
-    }
-    fn encode(&self, i: &mut [u8]) {
-        RMPN.set(i, self.0);
-    }
-    fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
-        Ok(())
-    }
-}
-
 /// CREATE_SRQ (§4.13): the basic SRQ for ISSI 0 firmware.
 #[derive(Clone, Debug)]
 pub struct CreateSrq {
@@ -166,26 +145,14 @@ impl Command for CreateSrq {
     }
 }
 
-/// DESTROY_SRQ.
-#[derive(Clone, Copy, Debug)]
-pub struct DestroySrq(pub u32);
-
-impl Command for DestroySrq {
-    const OPCODE: Opcode = Opcode::DESTROY_SRQ;
-    type Reply = ();
-    fn inlen(&self) -> usize {
-        0x10
-    }
-    fn outlen(&self) -> usize {
-        0x10
-    }
-    fn encode(&self, i: &mut [u8]) {
-        RMPN.set(i, self.0);
-    }
-    fn decode(&self, _o: &[u8]) -> Result<(), CmdError> {
-        Ok(())
-    }
-}
+object_command!(
+    /// DESTROY_RMP.
+    DestroyRmp(u32), Opcode::DESTROY_RMP, RMPN
+);
+object_command!(
+    /// DESTROY_SRQ.
+    DestroySrq(u32), Opcode::DESTROY_SRQ, RMPN
+);
 
 /// ARM_RQ op_mod 1: re-arm the limit of an SRQ.
 #[derive(Clone, Copy, Debug)]
