@@ -8,4 +8,5 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod engine;
 pub mod probe;

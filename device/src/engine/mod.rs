@@ -1,0 +1,77 @@
+//! The IPoIB engine: pure protocol logic, no I/O.
+//!
+//! Frames and packets go in, frames, packets and actions come out; the
+//! clock is passed in by the caller. Everything here is tested without an
+//! HCA, a TUN device or a socket (RFC 4391/4392 as Linux `ib_ipoib` behaves).
+//!
+//! - [`addr`]: the 20-byte IPoIB hardware address.
+//! - [`mgid`]: IP multicast group → multicast GID mapping.
+//! - [`arp`]: ARP with InfiniBand hardware addresses.
+//! - [`nd`]: the IPoIB link-layer address option of IPv6 neighbour discovery.
+//! - [`resolve`]: resolution caches (neighbours, paths) with packet queueing
+//!   and ageing.
+
+pub mod addr;
+pub mod arp;
+pub mod mgid;
+pub mod nd;
+pub mod resolve;
+
+/// A 128-bit InfiniBand GID, network byte order.
+pub type Gid = [u8; 16];
+
+/// EtherType values carried in the IPoIB header.
+pub mod ethertype {
+    /// IPv4.
+    pub const IPV4: u16 = 0x0800;
+    /// ARP.
+    pub const ARP: u16 = 0x0806;
+    /// RARP.
+    pub const RARP: u16 = 0x8035;
+    /// IPv6.
+    pub const IPV6: u16 = 0x86dd;
+    /// TIPC.
+    pub const TIPC: u16 = 0x88ca;
+
+    /// Whether Linux `ib_ipoib` transmits this EtherType (others are
+    /// dropped at transmit).
+    pub fn carried(ty: u16) -> bool {
+        matches!(ty, IPV4 | ARP | RARP | IPV6 | TIPC)
+    }
+}
+
+/// Length of the IPoIB encapsulation header.
+pub const IPOIB_HEADER_LEN: usize = 4;
+
+/// Reads the EtherType of an IPoIB payload, or `None` if the packet is
+/// shorter than the header. The reserved half is ignored, as on receive.
+pub fn header_type(packet: &[u8]) -> Option<u16> {
+    let ty = packet.get(..2)?;
+    if packet.len() < IPOIB_HEADER_LEN {
+        return None;
+    }
+    Some(u16::from_be_bytes([ty[0], ty[1]]))
+}
+
+/// Writes the IPoIB header for `ty` (reserved bytes zero).
+pub fn write_header(buf: &mut [u8; IPOIB_HEADER_LEN], ty: u16) {
+    let [hi, lo] = ty.to_be_bytes();
+    *buf = [hi, lo, 0, 0];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_reserved_ignored() {
+        // RFC 4391 §6: type, then two reserved bytes.
+        assert_eq!(header_type(&[0x08, 0x06, 0xab, 0xcd]), Some(ethertype::ARP));
+        assert_eq!(header_type(&[0x86, 0xdd, 0]), None);
+        let mut h = [0xff; 4];
+        write_header(&mut h, ethertype::IPV6);
+        assert_eq!(h, [0x86, 0xdd, 0, 0]);
+        assert!(ethertype::carried(0x88ca));
+        assert!(!ethertype::carried(0x88cc), "LLDP is not carried");
+    }
+}
