@@ -13,6 +13,7 @@
 
 pub mod addr;
 pub mod arp;
+pub mod datagram;
 pub mod mgid;
 pub mod nd;
 pub mod resolve;
