@@ -270,9 +270,27 @@ impl<A: Copy, P> Datagram<A, P> {
     /// The port is active with `lid`: join the broadcast group first; the
     /// other groups follow once it is joined (their parameters come from
     /// it).
+    ///
+    /// The host side (a TUN device) does not pass its multicast list down,
+    /// so the interface listens on its own to the groups every IP host is
+    /// in: IPv4 all-hosts, IPv6 all-nodes, and the solicited-node group of
+    /// each IPv6 address (needed before anyone can resolve it).
     pub fn start(&mut self, lid: u16, out: &mut Vec<Action<A, P>>) {
         self.lid = lid;
         self.want_group(self.broadcast, false, out);
+        let mut always = vec![IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1))];
+        if !self.cfg.ipv6.is_empty() {
+            always.push(IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)));
+        }
+        always.extend(
+            self.cfg
+                .ipv6
+                .iter()
+                .map(|a| IpAddr::V6(mgid::solicited_node(*a))),
+        );
+        for g in always {
+            self.listen(g, out);
+        }
     }
 
     /// The host listens to `group` (it was added to the device multicast
@@ -1098,6 +1116,7 @@ mod tests {
             out.clear();
         }
         a.joined(b, BCAST_AH, &mut out);
+        out.clear(); // the groups every host listens to
 
         a.transmit(&ipv4_packet([239, 1, 2, 3]), "m", now, &mut out);
         let g = mgid::ipv4(Ipv4Addr::new(239, 1, 2, 3), 0xffff, 2);
@@ -1145,13 +1164,16 @@ mod tests {
         assert_eq!(out.len(), 1, "only the broadcast group until it is joined");
         out.clear();
         a.joined(a.broadcast_mgid(), BCAST_AH, &mut out);
-        assert_eq!(
-            out,
-            [Action::Join {
-                mgid: mdns,
-                send_only: false
-            }],
+        let so = mgid::ipv4(Ipv4Addr::new(239, 9, 9, 9), 0xffff, 2);
+        assert!(out.contains(&Action::Join {
+            mgid: mdns,
+            send_only: false
+        }));
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::Join { mgid, .. } if *mgid == so)),
             "full-member groups return; send-only ones do not"
         );
+        assert_eq!(out.len(), 4, "all-hosts, all-nodes, solicited-node, mDNS");
     }
 }
