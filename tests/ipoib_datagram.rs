@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ipoib_device::engine::addr::HwAddr;
 use ipoib_device::engine::datagram::{Action, Config, Datagram, Dest, Drop, Source};
-use ipoib_device::engine::{self, ethertype, mgid};
+use ipoib_device::engine::{self, mgid};
 use ipoib_sim::{Fabric, FabricConfig};
 use ipoib_tests::node::{Node, RX_BUF, RX_BUFS, TX_AREA};
 use mlx5_driver::layout::wqe::{AddressVector, Grh, Sge};
