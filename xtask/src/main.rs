@@ -14,6 +14,8 @@ use std::time::Instant;
 const TEST_PACKAGES: &[(&str, &str)] = &[
     // Decodes the fabric's InfiniBand captures (tests/fabric_sa.rs).
     ("tshark", "tshark"),
+    // Network namespaces for the host-side tests (tests/host_tun.rs).
+    ("iproute2", "ip"),
 ];
 
 fn root() -> PathBuf {

@@ -21,6 +21,7 @@ mod iova;
 mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+pub mod tun;
 pub mod vfio;
 
 use std::fmt;
