@@ -64,6 +64,35 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = CompletionArg::Events)]
         completion: CompletionArg,
     },
+    /// Run IPoIB on the HCA: bring it up, create the host interface, serve
+    /// datagram mode until SIGTERM or SIGINT, then leave every group and
+    /// destroy every HCA object.
+    #[command(after_long_help = SIM_FAULT_HELP)]
+    Run {
+        /// PCI address of a card bound to vfio-pci, or `sim`.
+        #[arg(long)]
+        device: String,
+        /// Inject a fault into the software HCA (repeatable; `--device sim` only).
+        #[arg(long = "sim-fault", value_name = "FAULT")]
+        sim_faults: Vec<String>,
+        /// Plug the software HCA into the fabric served by `ipoib-fabric` at
+        /// this socket (`--device sim` only).
+        #[arg(long, value_name = "SOCKET")]
+        fabric: Option<std::path::PathBuf>,
+        /// Name of the host interface.
+        #[arg(long, default_value = "ib0")]
+        ifname: String,
+        /// Create the host interface in this network namespace (a name as
+        /// given to `ip netns add`).
+        #[arg(long, value_name = "NAME")]
+        netns: Option<String>,
+        /// An address for the host interface, ADDRESS/PREFIX (repeatable).
+        #[arg(long = "address", value_name = "CIDR")]
+        addresses: Vec<String>,
+        /// Seconds to wait for the port to become Active at start.
+        #[arg(long, default_value_t = 10)]
+        wait_active: u64,
+    },
 }
 
 const SIM_FAULT_HELP: &str = "\
@@ -130,6 +159,41 @@ pub fn main() -> ExitCode {
                 })),
             };
             probe::run(&spec, &opts)
+        }
+        Command::Run {
+            device,
+            sim_faults,
+            fabric,
+            ifname,
+            netns,
+            addresses,
+            wait_active,
+        } => {
+            let spec = match DeviceSpec::parse(&device, &sim_faults, fabric.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("ipoib-vfio: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let addresses = match addresses
+                .iter()
+                .map(|a| crate::daemon::parse_cidr(a))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("ipoib-vfio: --address {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = crate::daemon::RunOptions {
+                ifname,
+                netns,
+                addresses,
+                wait_active: Duration::from_secs(wait_active),
+            };
+            crate::daemon::run(&spec, &opts)
         }
     }
 }

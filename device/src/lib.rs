@@ -8,5 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod daemon;
 pub mod engine;
+pub mod link;
 pub mod probe;

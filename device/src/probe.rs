@@ -111,28 +111,34 @@ pub fn run(spec: &DeviceSpec, opts: &ProbeOptions) -> ExitCode {
             Err(e) => fail_line(opts, &format!("opening {bdf} failed: {}", chain(&e)), None),
         },
         #[cfg(feature = "sim")]
-        DeviceSpec::Sim(faults, fabric) => {
-            let mut cfg = ipoib_sim::SimConfig {
-                faults: faults.clone(),
-                ..ipoib_sim::SimConfig::default()
-            };
-            if fabric.is_some() {
-                // Distinct GUIDs for HCAs of different processes on one fabric.
-                cfg.node_guid ^= u64::from(std::process::id()) << 8;
-            }
-            let sim = std::sync::Arc::new(ipoib_sim::SimHca::new(cfg));
-            if let Some(path) = fabric
-                && let Err(e) = sim.connect_remote(path)
-            {
-                return fail_line(
-                    opts,
-                    &format!("connecting to the fabric at {}: {e}", path.display()),
-                    None,
-                );
-            }
-            probe_with(sim, opts)
-        }
+        DeviceSpec::Sim(faults, fabric) => match sim_device(faults, fabric.as_deref()) {
+            Ok(sim) => probe_with(sim, opts),
+            Err(line) => fail_line(opts, &line, None),
+        },
     }
+}
+
+/// A software HCA with `faults`, plugged into the fabric service at
+/// `fabric` if given.
+#[cfg(feature = "sim")]
+pub fn sim_device(
+    faults: &[ipoib_sim::Fault],
+    fabric: Option<&std::path::Path>,
+) -> Result<std::sync::Arc<ipoib_sim::SimHca>, String> {
+    let mut cfg = ipoib_sim::SimConfig {
+        faults: faults.to_vec(),
+        ..ipoib_sim::SimConfig::default()
+    };
+    if fabric.is_some() {
+        // Distinct GUIDs for HCAs of different processes on one fabric.
+        cfg.node_guid ^= u64::from(std::process::id()) << 8;
+    }
+    let sim = std::sync::Arc::new(ipoib_sim::SimHca::new(cfg));
+    if let Some(path) = fabric {
+        sim.connect_remote(path)
+            .map_err(|e| format!("connecting to the fabric at {}: {e}", path.display()))?;
+    }
+    Ok(sim)
 }
 
 fn fail_line(opts: &ProbeOptions, line: &str, err: Option<&BringupError>) -> ExitCode {
@@ -192,7 +198,7 @@ fn probe_with<T: Transport>(t: T, opts: &ProbeOptions) -> ExitCode {
 
 /// Serves events until every port is Active (the subnet manager has
 /// configured it) or `limit` passes; the report shows whatever it reached.
-fn wait_for_active<T: Transport>(hca: &mut Hca<T>, limit: Duration) {
+pub fn wait_for_active<T: Transport>(hca: &mut Hca<T>, limit: Duration) {
     let deadline = std::time::Instant::now() + limit;
     loop {
         let all_active = hca

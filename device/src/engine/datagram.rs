@@ -293,6 +293,41 @@ impl<A: Copy, P> Datagram<A, P> {
         }
     }
 
+    /// Replaces the host side's addresses (they change under the
+    /// interface: the kernel generates the link-local one, administrators
+    /// add and remove others). New IPv6 addresses get their
+    /// solicited-node group joined.
+    pub fn set_addresses(
+        &mut self,
+        ipv4: Vec<Ipv4Addr>,
+        ipv6: Vec<Ipv6Addr>,
+        out: &mut Vec<Action<A, P>>,
+    ) {
+        let fresh: Vec<Ipv6Addr> = ipv6
+            .iter()
+            .filter(|a| !self.cfg.ipv6.contains(a))
+            .copied()
+            .collect();
+        let first_v6 = self.cfg.ipv6.is_empty() && !ipv6.is_empty();
+        self.cfg.ipv4 = ipv4;
+        self.cfg.ipv6 = ipv6;
+        if first_v6 {
+            self.listen(IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)), out);
+        }
+        for a in fresh {
+            self.listen(IpAddr::V6(mgid::solicited_node(a)), out);
+        }
+    }
+
+    /// The MTU the broadcast group allows: its IB MTU − 4, or `None`
+    /// before the join. `mtu_code` is the MCMemberRecord MTU enum.
+    pub fn mtu_for(mtu_code: u8) -> Option<u32> {
+        match mtu_code {
+            1..=5 => Some((128u32 << mtu_code) - super::IPOIB_HEADER_LEN as u32),
+            _ => None,
+        }
+    }
+
     /// The host listens to `group` (it was added to the device multicast
     /// list): join it as a full member.
     pub fn listen(&mut self, group: IpAddr, out: &mut Vec<Action<A, P>>) {
@@ -883,6 +918,33 @@ mod tests {
             sqpn: qpn,
             multicast,
         }
+    }
+
+    #[test]
+    fn mtu_is_the_group_mtu_less_the_header() {
+        // ipoib.md §8: 2044 with a 2048 fabric MTU, 4092 with 4096.
+        assert_eq!(Iface::mtu_for(4), Some(2044));
+        assert_eq!(Iface::mtu_for(5), Some(4092));
+        assert_eq!(Iface::mtu_for(1), Some(252));
+        assert_eq!(Iface::mtu_for(0), None);
+        assert_eq!(Iface::mtu_for(6), None);
+    }
+
+    #[test]
+    fn new_addresses_get_their_solicited_node_group() {
+        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
+        up(&mut a, 2);
+        let mut out = Out::new();
+        let v6: Ipv6Addr = "fe80::1234:5678".parse().unwrap();
+        a.set_addresses(vec![], vec!["fe80::a".parse().unwrap(), v6], &mut out);
+        let sn = mgid::ipv6(mgid::solicited_node(v6), 0xffff, 2);
+        assert_eq!(
+            out,
+            [Action::Join {
+                mgid: sn,
+                send_only: false
+            }]
+        );
     }
 
     #[test]

@@ -142,6 +142,22 @@ impl Tun {
         &self.name
     }
 
+    /// Sets the carrier (the kernel's LOWER_UP / operstate), which mirrors
+    /// the IPoIB link: port active and broadcast group joined.
+    pub fn set_carrier(&self, on: bool) -> io::Result<()> {
+        let v: libc::c_int = on.into();
+        // SAFETY: TUNSETCARRIER reads one int through the pointer, which
+        // points at `v`, alive for the call; the fd is an attached TUN fd.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETCARRIER,
+                &v as *const libc::c_int,
+            )
+        };
+        check(rc)
+    }
+
     /// Reads one packet (virtio-net header first). `WouldBlock` when none
     /// is waiting.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {

@@ -1,0 +1,217 @@
+//! `ipoib-vfio run`: bring the HCA up, create the host interface, and
+//! serve IPoIB datagram mode until SIGTERM or SIGINT.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ipoib_netlink::{LinkConfig, Netlink};
+use mlx5_driver::transport::Transport;
+use mlx5_driver::transport::tun::{Tun, TunOffloads, enter_netns};
+use mlx5_driver::{Hca, HcaConfig, error_chain};
+
+use crate::link::Link;
+use crate::probe::{DeviceSpec, wait_for_active};
+
+/// Settings of `ipoib-vfio run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Host interface name.
+    pub ifname: String,
+    /// Network namespace (a name under /run/netns) to create it in.
+    pub netns: Option<String>,
+    /// Addresses with prefix lengths.
+    pub addresses: Vec<(IpAddr, u8)>,
+    /// How long to wait for the port to become Active at start.
+    pub wait_active: Duration,
+}
+
+/// Parses `ADDR/PREFIX`.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX"))?;
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| *p <= max)
+        .ok_or_else(|| format!("{p:?} is not a prefix length for {addr} (0..={max})"))?;
+    Ok((addr, prefix))
+}
+
+/// Runs the daemon; returns the exit status.
+pub fn run(spec: &DeviceSpec, opts: &RunOptions) -> ExitCode {
+    if let Some(ns) = &opts.netns {
+        let path = PathBuf::from("/run/netns").join(ns);
+        if let Err(e) = enter_netns(&path) {
+            eprintln!("ipoib-vfio: entering network namespace {ns}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            eprintln!("ipoib-vfio: installing the signal handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match spec {
+        DeviceSpec::Pci(bdf) => match mlx5_driver::transport::vfio::VfioTransport::open(bdf) {
+            Ok(t) => serve(t, opts, &stop),
+            Err(e) => {
+                eprintln!("ipoib-vfio: opening {bdf} failed: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+        #[cfg(feature = "sim")]
+        DeviceSpec::Sim(faults, fabric) => {
+            match crate::probe::sim_device(faults, fabric.as_deref()) {
+                Ok(sim) => serve(sim, opts, &stop),
+                Err(line) => {
+                    eprintln!("ipoib-vfio: {line}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn serve<T: Transport>(t: T, opts: &RunOptions, stop: &AtomicBool) -> ExitCode {
+    let mut hca = match Hca::bring_up(t, HcaConfig::default()) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ipoib-vfio: {}", error_chain(&*e));
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_active(&mut hca, opts.wait_active);
+    // The host interface comes first: if it cannot be made, nothing on the
+    // HCA was created yet beyond bring-up.
+    let offloads = TunOffloads::default();
+    let tun = match Tun::create(&opts.ifname, offloads) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ipoib-vfio: {e}");
+            return finish(hca.shutdown(), ExitCode::FAILURE);
+        }
+    };
+    let nl = match Netlink::new() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("ipoib-vfio: {e}");
+            return finish(hca.shutdown(), ExitCode::FAILURE);
+        }
+    };
+    let mut link = match Link::new(hca) {
+        Ok(l) => l,
+        Err((e, report)) => {
+            eprintln!("ipoib-vfio: creating the IPoIB interface: {e}");
+            return finish(report, ExitCode::FAILURE);
+        }
+    };
+    let status = serve_link(&mut link, &tun, &nl, opts, stop);
+    let name = tun.name().to_string();
+    drop(tun);
+    tracing::info!(interface = %name, "stopping");
+    finish(link.shutdown(), status)
+}
+
+fn serve_link<T: Transport>(
+    link: &mut Link<T>,
+    tun: &Tun,
+    nl: &Netlink,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+) -> ExitCode {
+    let name = tun.name().to_string();
+    // Join the broadcast group first: it decides the MTU.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !link.carrier() && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        if let Err(e) = link.poll(tun, Duration::from_millis(5)) {
+            eprintln!("ipoib-vfio: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let cfg = LinkConfig {
+        mtu: link.mtu(),
+        addresses: opts.addresses.clone(),
+        up: true,
+    };
+    if let Err(e) = nl.configure(&name, &cfg) {
+        eprintln!("ipoib-vfio: configuring {name}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let _ = tun.set_carrier(link.carrier());
+    eprintln!(
+        "ipoib-vfio: {name} up, hardware address {}, MTU {}",
+        link.hw_addr(),
+        link.mtu()
+    );
+    let mut next_addr_check = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match link.poll(tun, Duration::from_millis(1)) {
+            Ok(true) => {
+                let _ = tun.set_carrier(link.carrier());
+                tracing::info!(carrier = link.carrier(), "carrier changed");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("ipoib-vfio: the HCA failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        if Instant::now() >= next_addr_check {
+            next_addr_check = Instant::now() + Duration::from_secs(1);
+            if let Ok(addrs) = nl.addresses(&name) {
+                let ips: Vec<IpAddr> = addrs.into_iter().map(|(a, _)| a).collect();
+                link.set_addresses(&ips);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn finish(report: mlx5_driver::hca::TeardownReport, status: ExitCode) -> ExitCode {
+    if report.clean() {
+        status
+    } else {
+        eprintln!(
+            "ipoib-vfio: teardown left problems: {}",
+            report.errors.join("; ")
+        );
+        ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr() {
+        assert_eq!(
+            parse_cidr("10.0.0.1/24"),
+            Ok(("10.0.0.1".parse().unwrap(), 24))
+        );
+        assert_eq!(
+            parse_cidr("fd00::1/64"),
+            Ok(("fd00::1".parse().unwrap(), 64))
+        );
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1/33",
+            "fd00::1/129",
+            "x/1",
+            "10.0.0.1/-1",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}

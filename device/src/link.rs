@@ -1,0 +1,662 @@
+//! One IPoIB interface in datagram mode on an HCA port: the engine of
+//! [`crate::engine::datagram`] wired to a UD QP, the SA client and the
+//! host's TUN device.
+//!
+//! Buffers are allocated once: receive buffers of GRH + IB MTU in DMA
+//! memory, send slots in DMA memory, and a pool of host packet buffers
+//! that TUN reads land in. Packets are named by pool index while they wait
+//! in the engine's queues, so the data path does not allocate.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use mlx5_driver::Hca;
+use mlx5_driver::cmd::qp::ServiceType;
+use mlx5_driver::hca::{AsyncEvent, HcaError, TeardownReport};
+use mlx5_driver::layout::cqe::Cqe;
+use mlx5_driver::layout::eqe::PortChange;
+use mlx5_driver::layout::smp::PortState;
+use mlx5_driver::layout::wqe::{AddressVector, Grh, Sge};
+use mlx5_driver::sa::{self, Gsi, MadDest, McMemberRecord, PathRecord, join};
+use mlx5_driver::transport::tun::{Tun, VNET_HDR_LEN_MRG};
+use mlx5_driver::transport::{DmaBuffer, Transport};
+use mlx5_driver::verbs::{Cq, Qp, QpConfig};
+
+use crate::engine::addr::HwAddr;
+use crate::engine::datagram::{self, Action, Datagram, Dest, Payload, Source};
+use crate::engine::{self, mgid};
+
+/// GRH area + the largest IB MTU.
+const RX_BUF: usize = 40 + 4096;
+/// Receive buffers (the RQ holds 2^LOG_RQ WQEs).
+const RX_BUFS: usize = 256;
+const LOG_RQ: u8 = 8;
+/// Send slots: IPoIB header + payload.
+const TX_SLOT: usize = 4096;
+const TX_SLOTS: usize = 128;
+const LOG_SQ: u8 = 7;
+/// Host packet buffers: virtio-net header + one IP packet.
+const HOST_BUF: usize = VNET_HDR_LEN_MRG + 4096;
+const HOST_BUFS: usize = 512;
+/// SA transactions: per-try timeout and tries.
+const SA_TIMEOUT: Duration = Duration::from_millis(300);
+const SA_TRIES: u8 = 4;
+/// The Q_Key the QP has until the broadcast group's replaces it.
+const QKEY_DEFAULT: u32 = 0x0B1B;
+
+/// Counters of one interface (the ethtool -S view).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkCounters {
+    /// Packets sent on the fabric.
+    pub tx_packets: u64,
+    /// Bytes sent (IPoIB header included).
+    pub tx_bytes: u64,
+    /// Packets received from the fabric.
+    pub rx_packets: u64,
+    /// Bytes received (IPoIB header included).
+    pub rx_bytes: u64,
+    /// Packets handed to the host.
+    pub rx_delivered: u64,
+    /// Host packets dropped: no free send slot or host buffer.
+    pub tx_no_buffer: u64,
+    /// Send completions with an error.
+    pub tx_errors: u64,
+    /// Receive completions with an error.
+    pub rx_errors: u64,
+    /// SA transactions that failed.
+    pub sa_failures: u64,
+}
+
+/// A datagram-mode IPoIB interface; see the module documentation.
+#[derive(Debug)]
+pub struct Link<T: Transport> {
+    hca: Hca<T>,
+    gsi: Option<Gsi>,
+    scq: Option<Cq>,
+    rcq: Option<Cq>,
+    qp: Option<Qp>,
+    rx: Option<DmaBuffer>,
+    tx: Option<DmaBuffer>,
+    rx_posted: VecDeque<usize>,
+    tx_free: Vec<usize>,
+    tx_inflight: VecDeque<usize>,
+    pool: Vec<Vec<u8>>,
+    pool_len: Vec<usize>,
+    pool_free: Vec<usize>,
+    engine: Datagram<AddressVector, usize>,
+    out: Vec<Action<AddressVector, usize>>,
+    bcast: Option<McMemberRecord>,
+    attached: Vec<[u8; 16]>,
+    joined: Vec<([u8; 16], u8)>,
+    lid: u16,
+    sm_lid: u16,
+    gid: [u8; 16],
+    pkey: u16,
+    active: bool,
+    next_start: Instant,
+    counters: LinkCounters,
+    cqes: Vec<Cqe>,
+}
+
+/// Why the interface could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// An HCA command failed.
+    #[error("{0}")]
+    Hca(#[from] HcaError),
+    /// DMA memory could not be had.
+    #[error("DMA memory: {0}")]
+    Dma(#[from] mlx5_driver::transport::TransportError),
+    /// Posting a receive failed.
+    #[error("posting receive buffers: {0:?}")]
+    Post(mlx5_driver::verbs::PostError),
+}
+
+impl<T: Transport> Link<T> {
+    /// Creates the interface's QP and buffers on port 1 of `hca`, P_Key
+    /// index 0. Call [`Link::poll`] to run it.
+    pub fn new(mut hca: Hca<T>) -> Result<Link<T>, (Box<LinkError>, TeardownReport)> {
+        match Self::create(&mut hca) {
+            Ok(parts) => Ok(Self::assemble(hca, parts)),
+            Err(e) => Err((Box::new(e), hca.shutdown())),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn create(hca: &mut Hca<T>) -> Result<(Gsi, Cq, Cq, Qp, DmaBuffer, DmaBuffer), LinkError> {
+        let gsi = Gsi::new(hca, 1)?;
+        let scq = Cq::create(hca, LOG_SQ + 1)?;
+        let rcq = Cq::create(hca, LOG_RQ + 1)?;
+        let mut qp = Qp::create(
+            hca,
+            &QpConfig {
+                st: ServiceType::Ud,
+                port: 1,
+                pkey_index: 0,
+                qkey: QKEY_DEFAULT,
+                log_sq: LOG_SQ,
+                log_rq: LOG_RQ,
+                rq_sge: 1,
+                send_cq: scq.cqn(),
+                recv_cq: rcq.cqn(),
+                // Siblings on the port must see our multicast; our own
+                // copies are filtered in the engine, as Linux does.
+                block_mc_loopback: false,
+                srq: None,
+                offload: false,
+            },
+        )?;
+        qp.activate_datagram(hca)?;
+        let rx = hca.alloc_dma(RX_BUFS * RX_BUF)?;
+        let tx = hca.alloc_dma(TX_SLOTS * TX_SLOT)?;
+        Ok((gsi, scq, rcq, qp, rx, tx))
+    }
+
+    fn assemble(hca: Hca<T>, parts: (Gsi, Cq, Cq, Qp, DmaBuffer, DmaBuffer)) -> Link<T> {
+        let (gsi, scq, rcq, qp, rx, tx) = parts;
+        let port = hca.info().ports.first().cloned();
+        let gid = port.as_ref().map_or([0; 16], |p| p.gid);
+        let hw = HwAddr::new(HwAddr::FLAG_RC, qp.qpn(), gid);
+        let pkey = 0xFFFF;
+        let engine = Datagram::new(datagram::Config {
+            hw,
+            pkey,
+            scope: mgid::SCOPE_LINK,
+            ipv4: Vec::new(),
+            ipv6: Vec::new(),
+        });
+        let mut link = Link {
+            hca,
+            gsi: Some(gsi),
+            scq: Some(scq),
+            rcq: Some(rcq),
+            qp: Some(qp),
+            rx: Some(rx),
+            tx: Some(tx),
+            rx_posted: VecDeque::with_capacity(RX_BUFS),
+            tx_free: (0..TX_SLOTS).rev().collect(),
+            tx_inflight: VecDeque::with_capacity(TX_SLOTS),
+            pool: vec![vec![0u8; HOST_BUF]; HOST_BUFS],
+            pool_len: vec![0; HOST_BUFS],
+            pool_free: (0..HOST_BUFS).rev().collect(),
+            engine,
+            out: Vec::with_capacity(64),
+            bcast: None,
+            attached: Vec::new(),
+            joined: Vec::new(),
+            lid: port.as_ref().map_or(0, |p| p.lid),
+            sm_lid: port.as_ref().map_or(0, |p| p.sm_lid),
+            gid,
+            pkey,
+            active: false,
+            next_start: Instant::now(),
+            counters: LinkCounters::default(),
+            cqes: Vec::with_capacity(64),
+        };
+        for i in 0..RX_BUFS {
+            link.post_rx(i);
+        }
+        if let Some(qp) = link.qp.as_mut() {
+            qp.ring_rq();
+        }
+        link
+    }
+
+    fn post_rx(&mut self, i: usize) {
+        let (Some(qp), Some(rx)) = (self.qp.as_mut(), self.rx.as_ref()) else {
+            return;
+        };
+        let sge = Sge {
+            addr: rx.iova_at(i * RX_BUF).0,
+            len: RX_BUF as u32,
+            lkey: self.hca.lkey(),
+        };
+        if qp.post_recv(&[sge]).is_ok() {
+            self.rx_posted.push_back(i);
+        }
+    }
+
+    /// The interface's hardware address.
+    pub fn hw_addr(&self) -> HwAddr {
+        self.engine.config().hw
+    }
+
+    /// Whether the port is active and the broadcast group joined.
+    pub fn carrier(&self) -> bool {
+        self.active && self.engine.carrier()
+    }
+
+    /// The IPoIB MTU the broadcast group allows (2044 before any join).
+    pub fn mtu(&self) -> u32 {
+        self.bcast
+            .and_then(|b| Datagram::<AddressVector, usize>::mtu_for(b.mtu))
+            .unwrap_or(2044)
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> LinkCounters {
+        self.counters
+    }
+
+    /// The engine (neighbours, groups, drop counters).
+    pub fn engine(&self) -> &Datagram<AddressVector, usize> {
+        &self.engine
+    }
+
+    /// Sets the host side's addresses.
+    pub fn set_addresses(&mut self, addrs: &[IpAddr]) {
+        let v4: Vec<Ipv4Addr> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<Ipv6Addr> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(v) => Some(*v),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        if v4 != self.engine.config().ipv4 || v6 != self.engine.config().ipv6 {
+            self.engine.set_addresses(v4, v6, &mut self.out);
+            self.run_actions(None);
+        }
+    }
+
+    fn start(&mut self) {
+        let _ = self.hca.refresh_ports();
+        if let Some(p) = self.hca.info().ports.first() {
+            self.lid = p.lid;
+            self.sm_lid = p.sm_lid;
+            self.active = p.state == PortState::Active;
+        }
+        if self.active {
+            self.engine.start(self.lid, &mut self.out);
+            self.run_actions(None);
+        }
+    }
+
+    /// One turn of the event loop: HCA events (waiting up to `wait`),
+    /// completions, host packets from `tun`, timers. Returns whether
+    /// carrier changed.
+    pub fn poll(&mut self, tun: &Tun, wait: Duration) -> Result<bool, HcaError> {
+        let before = self.carrier();
+        if !self.active && self.engine.groups().is_empty() && Instant::now() >= self.next_start {
+            self.next_start = Instant::now() + Duration::from_millis(500);
+            self.start();
+        }
+        for e in self.hca.poll_events(wait)? {
+            if let AsyncEvent::Port { change, .. } = e {
+                self.port_event(change);
+            }
+        }
+        self.reap_sends();
+        self.receive(tun);
+        self.read_host(tun);
+        self.engine.poll(Instant::now(), &mut self.out);
+        self.run_actions(Some(tun));
+        Ok(before != self.carrier())
+    }
+
+    fn port_event(&mut self, change: PortChange) {
+        match change {
+            PortChange::Down => {
+                self.active = false;
+                self.heavy_flush();
+            }
+            PortChange::Active => {
+                if !self.active {
+                    self.heavy_flush();
+                    self.start();
+                }
+            }
+            PortChange::ClientReregister => {
+                self.heavy_flush();
+                self.start();
+            }
+            PortChange::LidChange | PortChange::PkeyChange | PortChange::GuidChange => {
+                let _ = self.hca.refresh_ports();
+                if let Some(p) = self.hca.info().ports.first() {
+                    self.lid = p.lid;
+                    self.sm_lid = p.sm_lid;
+                }
+                self.engine.flush_light();
+            }
+            _ => {}
+        }
+    }
+
+    fn heavy_flush(&mut self) {
+        self.engine.flush_heavy(&mut self.out);
+        self.run_actions(None);
+        let attached = std::mem::take(&mut self.attached);
+        if let Some(qp) = self.qp.as_ref() {
+            for g in attached {
+                let _ = qp.detach(&mut self.hca, g);
+            }
+        }
+        // The SM forgot the memberships (reregister) or the port lost
+        // them (down); nothing to leave.
+        self.joined.clear();
+        self.bcast = None;
+    }
+
+    fn reap_sends(&mut self) {
+        let Some(scq) = self.scq.as_mut() else { return };
+        let mut buf = [Cqe::parse(&[0xF0u8; 64]); 32];
+        loop {
+            let n = scq.poll(&mut buf);
+            for c in &buf[..n] {
+                if c.error.is_some() {
+                    self.counters.tx_errors += 1;
+                }
+                if let Some(qp) = self.qp.as_mut() {
+                    qp.send_done(c.wqe_counter);
+                }
+                if let Some(slot) = self.tx_inflight.pop_front() {
+                    self.tx_free.push(slot);
+                }
+            }
+            if n < buf.len() {
+                break;
+            }
+        }
+    }
+
+    fn receive(&mut self, tun: &Tun) {
+        let Some(rcq) = self.rcq.as_mut() else { return };
+        let mut buf = [Cqe::parse(&[0xF0u8; 64]); 32];
+        let n = rcq.poll(&mut buf);
+        if n == 0 {
+            return;
+        }
+        self.cqes.clear();
+        self.cqes.extend_from_slice(&buf[..n]);
+        let now = Instant::now();
+        let cqes = std::mem::take(&mut self.cqes);
+        for c in &cqes {
+            let Some(i) = self.rx_posted.pop_front() else {
+                break;
+            };
+            if let Some(qp) = self.qp.as_mut() {
+                qp.recv_done();
+            }
+            if c.error.is_some() {
+                self.counters.rx_errors += 1;
+                self.post_rx(i);
+                continue;
+            }
+            let len = (c.byte_cnt as usize).clamp(40, RX_BUF) - 40;
+            self.counters.rx_packets += 1;
+            self.counters.rx_bytes += len as u64;
+            let Some(slot) = self.pool_free.pop() else {
+                self.counters.tx_no_buffer += 1;
+                self.post_rx(i);
+                continue;
+            };
+            let mut dgid0 = [0u8; 1];
+            let body = len.saturating_sub(engine::IPOIB_HEADER_LEN);
+            let mut hdr = [0u8; engine::IPOIB_HEADER_LEN];
+            if let Some(rx) = self.rx.as_ref() {
+                rx.read(i * RX_BUF + 24, &mut dgid0);
+                rx.read(i * RX_BUF + 40, &mut hdr);
+                let host = &mut self.pool[slot];
+                host[..VNET_HDR_LEN_MRG].fill(0);
+                rx.read(
+                    i * RX_BUF + 44,
+                    &mut host[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + body],
+                );
+            }
+            self.post_rx(i);
+            if len < engine::IPOIB_HEADER_LEN {
+                self.pool_free.push(slot);
+                continue;
+            }
+            self.pool_len[slot] = VNET_HDR_LEN_MRG + body;
+            let src = Source {
+                slid: c.slid,
+                sqpn: c.src_qpn(),
+                multicast: c.grh() && dgid0[0] == 0xFF,
+            };
+            let ty = u16::from_be_bytes([hdr[0], hdr[1]]);
+            let bytes = &self.pool[slot][VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + body];
+            self.engine
+                .receive(src, ty, bytes, slot, now, &mut self.out);
+        }
+        self.cqes = cqes;
+        if let Some(qp) = self.qp.as_mut() {
+            qp.ring_rq();
+        }
+        self.run_actions(Some(tun));
+    }
+
+    fn read_host(&mut self, tun: &Tun) {
+        let now = Instant::now();
+        for _ in 0..64 {
+            let Some(slot) = self.pool_free.pop() else {
+                return;
+            };
+            match tun.recv(&mut self.pool[slot]) {
+                Ok(n) if n > VNET_HDR_LEN_MRG => {
+                    self.pool_len[slot] = n;
+                    let bytes = &self.pool[slot][VNET_HDR_LEN_MRG..n];
+                    self.engine.transmit(bytes, slot, now, &mut self.out);
+                }
+                Ok(_) => self.pool_free.push(slot),
+                Err(e) => {
+                    self.pool_free.push(slot);
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!("reading the host interface: {e}");
+                    }
+                    return;
+                }
+            }
+            if self.out.len() > 32 {
+                self.run_actions(Some(tun));
+            }
+        }
+    }
+
+    fn sa(&mut self, mad: [u8; 256]) -> Option<[u8; 256]> {
+        let d = MadDest {
+            dlid: self.sm_lid,
+            dqpn: 1,
+            sl: 0,
+        };
+        let gsi = self.gsi.as_mut()?;
+        match gsi.transact(&mut self.hca, mad, d, SA_TIMEOUT, SA_TRIES) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::info!("SA transaction failed: {e}");
+                self.counters.sa_failures += 1;
+                None
+            }
+        }
+    }
+
+    fn run_actions(&mut self, tun: Option<&Tun>) {
+        let now = Instant::now();
+        while !self.out.is_empty() {
+            let actions: Vec<_> = self.out.drain(..).collect();
+            for a in actions {
+                match a {
+                    Action::Send { dest, payload } => self.send(dest, payload),
+                    Action::Deliver(slot) => {
+                        if let Some(tun) = tun {
+                            let n = self.pool_len[slot];
+                            match tun.send(&self.pool[slot][..n]) {
+                                Ok(_) => self.counters.rx_delivered += 1,
+                                Err(e) => tracing::debug!("writing to the host: {e}"),
+                            }
+                        }
+                        self.pool_free.push(slot);
+                    }
+                    Action::Release(slot) | Action::Dropped(Some(slot), _) => {
+                        self.pool_free.push(slot)
+                    }
+                    Action::Dropped(None, _) => {}
+                    Action::QueryPath(dgid) => self.query_path(dgid, now),
+                    Action::Join { mgid, send_only } => self.join(mgid, send_only, now),
+                }
+            }
+        }
+    }
+
+    fn query_path(&mut self, dgid: [u8; 16], now: Instant) {
+        let tclass = self.bcast.map_or(0, |b| b.tclass);
+        let req = sa::path_query(self.gid, dgid, self.pkey, tclass);
+        match self.sa(req) {
+            Some(resp) => {
+                let p = PathRecord::parse(&resp[sa::SA_DATA..]);
+                let av = AddressVector {
+                    dqpn: 0,
+                    qkey: self.bcast.map_or(QKEY_DEFAULT, |b| b.qkey),
+                    dlid: p.dlid,
+                    sl: p.sl,
+                    ..AddressVector::default()
+                };
+                self.engine.path_resolved(dgid, av, now, &mut self.out);
+            }
+            None => self.engine.path_failed(dgid, &mut self.out),
+        }
+    }
+
+    fn join(&mut self, g: [u8; 16], send_only: bool, now: Instant) {
+        let state = if send_only {
+            join::SEND_ONLY_FULL
+        } else {
+            join::FULL
+        };
+        let params = self.bcast;
+        let req = sa::mc_join(g, self.gid, self.pkey, state, params.as_ref());
+        let Some(resp) = self.sa(req) else {
+            self.engine.join_failed(g, now, &mut self.out);
+            return;
+        };
+        let rec = McMemberRecord::parse(&resp[sa::SA_DATA..]);
+        self.joined.push((g, state));
+        if g == self.engine.broadcast_mgid() {
+            if let Some(qp) = self.qp.as_mut()
+                && let Err(e) = qp.set_qkey(&mut self.hca, rec.qkey)
+            {
+                tracing::warn!("setting the broadcast Q_Key: {e}");
+            }
+            self.bcast = Some(rec);
+        }
+        if !send_only && let Some(qp) = self.qp.as_ref() {
+            match qp.attach(&mut self.hca, g) {
+                Ok(()) => self.attached.push(g),
+                Err(e) => tracing::warn!("attaching to a multicast group: {e}"),
+            }
+        }
+        let av = AddressVector {
+            dqpn: 0xFF_FFFF,
+            qkey: rec.qkey,
+            dlid: rec.mlid,
+            sl: rec.sl,
+            grh: Some(Grh {
+                dgid: g,
+                hop_limit: rec.hop_limit,
+                tclass: rec.tclass,
+                flow_label: rec.flow_label,
+                sgid_index: 0,
+            }),
+            ..AddressVector::default()
+        };
+        self.engine.joined(g, av, &mut self.out);
+    }
+
+    fn send(&mut self, dest: Dest<AddressVector>, payload: Payload<usize>) {
+        let ty = payload.ethertype();
+        let av = match dest {
+            Dest::Unicast { ah, qpn } => AddressVector { dqpn: qpn, ..ah },
+            Dest::Multicast { ah, .. } => ah,
+        };
+        let Some(slot) = self.tx_free.pop() else {
+            self.counters.tx_no_buffer += 1;
+            if let Payload::Host(p, _) = payload {
+                self.pool_free.push(p);
+            }
+            return;
+        };
+        let mut hdr = [0u8; engine::IPOIB_HEADER_LEN];
+        engine::write_header(&mut hdr, ty);
+        let (Some(tx), Some(qp)) = (self.tx.as_ref(), self.qp.as_mut()) else {
+            return;
+        };
+        let base = slot * TX_SLOT;
+        tx.write(base, &hdr);
+        let body_len = match &payload {
+            Payload::Host(p, _) => {
+                let n = self.pool_len[*p].min(VNET_HDR_LEN_MRG + TX_SLOT - hdr.len());
+                let body = &self.pool[*p][VNET_HDR_LEN_MRG..n];
+                tx.write(base + hdr.len(), body);
+                body.len()
+            }
+            Payload::Control(c) => {
+                tx.write(base + hdr.len(), c.bytes());
+                c.bytes().len()
+            }
+        };
+        if let Payload::Host(p, _) = payload {
+            self.pool_free.push(p);
+        }
+        let sge = Sge {
+            addr: tx.iova_at(base).0,
+            len: (hdr.len() + body_len) as u32,
+            lkey: self.hca.lkey(),
+        };
+        match qp.post_send_ud(&av, &[sge], true) {
+            Ok(_) => {
+                qp.ring_sq(self.hca.transport());
+                self.tx_inflight.push_back(slot);
+                self.counters.tx_packets += 1;
+                self.counters.tx_bytes += sge.len as u64;
+            }
+            Err(_) => {
+                self.tx_free.push(slot);
+                self.counters.tx_no_buffer += 1;
+            }
+        }
+    }
+
+    /// Leaves every group, destroys every HCA object and shuts the HCA
+    /// down.
+    pub fn shutdown(mut self) -> TeardownReport {
+        let joined = std::mem::take(&mut self.joined);
+        for (g, state) in joined {
+            let _ = self.sa(sa::mc_leave(g, self.gid, state));
+        }
+        let mut errors = Vec::new();
+        if let Some(qp) = self.qp.take() {
+            for g in std::mem::take(&mut self.attached) {
+                let _ = qp.detach(&mut self.hca, g);
+            }
+            if let Err(e) = qp.destroy(&mut self.hca) {
+                errors.push(format!("destroying the QP: {e}"));
+            }
+        }
+        for cq in [self.scq.take(), self.rcq.take()].into_iter().flatten() {
+            if let Err(e) = cq.destroy(&mut self.hca) {
+                errors.push(format!("destroying a CQ: {e}"));
+            }
+        }
+        if let Some(gsi) = self.gsi.take()
+            && let Err(e) = gsi.destroy(&mut self.hca)
+        {
+            errors.push(format!("destroying the GSI QP: {e}"));
+        }
+        for b in [self.rx.take(), self.tx.take()].into_iter().flatten() {
+            if let Err(e) = self.hca.free_dma(b) {
+                errors.push(format!("freeing DMA memory: {e}"));
+            }
+        }
+        let mut report = self.hca.shutdown();
+        report.errors.extend(errors);
+        report
+    }
+}
