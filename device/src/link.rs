@@ -308,11 +308,9 @@ impl<T: Transport> Link<T> {
                 self.active = false;
                 self.heavy_flush();
             }
-            PortChange::Active => {
-                if !self.active {
-                    self.heavy_flush();
-                    self.start();
-                }
+            PortChange::Active if !self.active => {
+                self.heavy_flush();
+                self.start();
             }
             PortChange::ClientReregister => {
                 self.heavy_flush();
