@@ -16,6 +16,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tshark", "tshark"),
     // Network namespaces for the host-side tests (tests/host_tun.rs).
     ("iproute2", "ip"),
+    // Real peers across the daemons' interfaces (device/tests/daemon.rs).
+    ("iputils-ping", "ping"),
+    ("iperf3", "iperf3"),
 ];
 
 fn root() -> PathBuf {

@@ -1,0 +1,228 @@
+//! `ipoib-vfio run` end to end: daemons on software HCAs, plugged into a
+//! simulated fabric, with their host interfaces in network namespaces
+//! this test creates and removes; real ping and iperf3 between them.
+//! Root only (CI runs as root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ipoib_sim::{Fabric, FabricConfig};
+
+/// A network namespace, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("ipoib-{tag}-{}", std::process::id());
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) must be installed; cargo xtask test installs it");
+        assert!(st.success(), "ip netns add {name} (this test needs root)");
+        Netns(name)
+    }
+
+    fn exec(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(cmd)
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e} (cargo xtask test installs the tools)"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A running daemon; SIGKILLed if the test fails before stopping it.
+struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(socket: &std::path::Path, ns: &Netns, addrs: &[&str]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipoib-vfio"));
+        cmd.args(["run", "--device", "sim", "--fabric"])
+            .arg(socket)
+            .args(["--netns", &ns.0]);
+        for a in addrs {
+            cmd.args(["--address", a]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{}] {line}", "daemon");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(" up, hardware address") => break,
+                Ok(_) => {}
+                Err(_) => panic!("daemon in {} did not come up", ns.0),
+            }
+        }
+        Daemon { child: Some(child) }
+    }
+
+    /// SIGTERM, then the exit status (success means every HCA object,
+    /// page and mapping came back).
+    fn stop(mut self) -> bool {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn ping(ns: &Netns, dst: &str, size: usize) -> bool {
+    let v6 = dst.contains(':');
+    let size = size.to_string();
+    let mut args = vec!["ping", "-c", "1", "-W", "3", "-s", &size];
+    if v6 {
+        args.insert(1, "-6");
+    }
+    args.push(dst);
+    ns.exec(&args).status.success()
+}
+
+/// Pings until one gets through or `limit` passes.
+fn ping_within(ns: &Netns, dst: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ping(ns, dst, 56) {
+            return true;
+        }
+    }
+    false
+}
+
+fn iperf(server_ns: &Netns, client_ns: &Netns, dst: &str, udp: bool) -> u64 {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &server_ns.0, "iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 must be installed (cargo xtask test installs it)");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut args = vec!["iperf3", "-c", dst, "-t", "2", "-J"];
+    if udp {
+        args.extend(["-u", "-b", "20M", "-l", "1400"]);
+    }
+    let out = client_ns.exec(&args);
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let end = &v["end"];
+    let bytes = if udp {
+        end["sum"]["bytes"].as_u64()
+    } else {
+        end["sum_received"]["bytes"].as_u64()
+    };
+    bytes.unwrap_or(0)
+}
+
+#[test]
+fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
+    let dir = std::env::temp_dir().join(format!("ipoib-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("fabric.sock");
+    let fabric = Arc::new(Fabric::new(FabricConfig::default()).unwrap());
+    let listener = UnixListener::bind(&socket).unwrap();
+    let f2 = fabric.clone();
+    std::thread::spawn(move || ipoib_sim::remote::serve(&f2, &listener));
+
+    let (na, nb, nc) = (Netns::new("a"), Netns::new("b"), Netns::new("c"));
+    let a = Daemon::start(&socket, &na, &["10.20.0.1/24", "fd00:20::1/64"]);
+    let b = Daemon::start(&socket, &nb, &["10.20.0.2/24", "fd00:20::2/64"]);
+
+    // ARP and ND resolve; every size up to 60000 bytes (IP fragments over
+    // the 2044-byte MTU) gets through, both ways.
+    for size in [1, 56, 1000, 2016, 2017, 4000, 60000] {
+        assert!(ping(&na, "10.20.0.2", size), "IPv4 ping of {size} bytes");
+    }
+    assert!(ping(&nb, "10.20.0.1", 1400), "IPv4 ping back");
+    for size in [1, 56, 1952, 8000, 60000] {
+        assert!(ping(&na, "fd00:20::2", size), "IPv6 ping of {size} bytes");
+    }
+
+    // iperf3 TCP and UDP move data.
+    let tcp = iperf(&nb, &na, "10.20.0.2", false);
+    assert!(tcp > 100_000, "TCP transferred {tcp} bytes");
+    let udp = iperf(&nb, &na, "10.20.0.2", true);
+    assert!(udp > 100_000, "UDP transferred {udp} bytes");
+
+    // A third host joining later is reachable.
+    let c = Daemon::start(&socket, &nc, &["10.20.0.3/24"]);
+    assert!(ping_within(&na, "10.20.0.3", Duration::from_secs(10)));
+
+    // After an SM restart (client reregister: rejoin, flush paths) traffic
+    // resumes.
+    fabric.restart_sm();
+    assert!(
+        ping_within(&na, "10.20.0.2", Duration::from_secs(15)),
+        "after SM restart"
+    );
+    // And after b's port goes down and up again.
+    fabric.set_link(1, false);
+    std::thread::sleep(Duration::from_millis(500));
+    fabric.set_link(1, true);
+    assert!(
+        ping_within(&na, "10.20.0.2", Duration::from_secs(15)),
+        "after port bounce"
+    );
+
+    // SIGTERM: each daemon leaves its groups and returns every object.
+    for d in [a, b, c] {
+        assert!(d.stop(), "clean exit after SIGTERM");
+    }
+    for ns in [&na, &nb, &nc] {
+        let out = ns.exec(&["ip", "link", "show", "ib0"]);
+        assert!(!out.status.success(), "ib0 left behind in {}", ns.0);
+    }
+    let members: usize = fabric.groups().iter().map(|g| g.2).sum();
+    assert_eq!(
+        members,
+        0,
+        "every membership was left: {:?}",
+        fabric.groups()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
