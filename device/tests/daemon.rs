@@ -66,7 +66,7 @@ impl Daemon {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{}] {line}", "daemon");
+                eprintln!("[daemon] {line}");
                 let _ = tx.send(line);
             }
         });
