@@ -1,0 +1,268 @@
+//! `cargo xtask demo`: the main job on the simulated default.
+//!
+//! A simulated fabric with its subnet manager, two `ipoib-vfio` daemons on
+//! software HCAs with their `ib0` interfaces in two network namespaces,
+//! then ping (small and 60000 bytes, IPv4 and IPv6) and a short iperf3
+//! between them. Everything is removed afterwards, also on Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Programs the demo runs, with their Debian packages.
+pub const DEMO_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("iputils-ping", "ping"),
+    ("iperf3", "iperf3"),
+];
+
+/// Everything the demo started; removed on drop, whatever happened.
+struct Scene {
+    dir: PathBuf,
+    fabric: Option<Child>,
+    daemons: Vec<Child>,
+    netns: Vec<String>,
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            let _ = Command::new("kill")
+                .args(["-TERM", &d.id().to_string()])
+                .status();
+        }
+        for d in &mut self.daemons {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        if let Some(f) = &mut self.fabric {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+fn show(title: &str, cmd: &mut Command, stop: &AtomicBool) -> Result<String, String> {
+    if stop.load(Ordering::Relaxed) {
+        return Err("interrupted".into());
+    }
+    println!("$ {title}");
+    let out = cmd.output().map_err(|e| format!("{title}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{text}");
+    println!();
+    if stop.load(Ordering::Relaxed) {
+        return Err("interrupted".into());
+    }
+    if !out.status.success() {
+        return Err(format!(
+            "{title} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(text)
+}
+
+fn start_daemon(
+    bin: &Path,
+    socket: &Path,
+    ns: &str,
+    addrs: &[&str],
+) -> Result<(Child, String), String> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--device", "sim", "--fabric"])
+        .arg(socket)
+        .args(["--netns", ns]);
+    for a in addrs {
+        cmd.args(["--address", a]);
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let Some(stderr) = child.stderr.take() else {
+        return Err("no stderr pipe".into());
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) if l.contains(" up, hardware address") => return Ok((child, l)),
+            Ok(l) => eprintln!("  {l}"),
+            Err(_) => {
+                let _ = child.kill();
+                return Err(format!("the daemon in {ns} did not come up"));
+            }
+        }
+    }
+}
+
+/// Runs the demo with the built binaries in `target`.
+pub fn run(target: &Path) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("ipoib-demo-{pid}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut scene = Scene {
+        dir: dir.clone(),
+        fabric: None,
+        daemons: Vec::new(),
+        netns: Vec::new(),
+    };
+    let socket = dir.join("fabric.sock");
+    let pcap = dir.join("fabric.pcap");
+
+    println!("==> a simulated InfiniBand fabric with its subnet manager");
+    println!(
+        "$ ipoib-fabric --socket {} --pcap fabric.pcap",
+        socket.display()
+    );
+    let fabric = Command::new(target.join("ipoib-fabric"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--pcap")
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start ipoib-fabric: {e}"))?;
+    scene.fabric = Some(fabric);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err("the fabric did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let hosts = [
+        ("a", "10.55.0.1/24", "fd00:55::1/64"),
+        ("b", "10.55.0.2/24", "fd00:55::2/64"),
+    ];
+    let mut names = Vec::new();
+    for (tag, v4, v6) in hosts {
+        let ns = format!("ipoib-demo-{tag}-{pid}");
+        let st = Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .map_err(|e| format!("ip netns add: {e}"))?;
+        if !st.success() {
+            return Err(format!("ip netns add {ns} failed (the demo needs root)"));
+        }
+        scene.netns.push(ns.clone());
+        println!();
+        println!("==> host {tag}: an ipoib-vfio daemon on a simulated ConnectX-5, ib0 in {ns}");
+        println!(
+            "$ ipoib-vfio run --device sim --fabric fabric.sock --netns {ns} --address {v4} --address {v6}"
+        );
+        let (child, line) = start_daemon(&target.join("ipoib-vfio"), &socket, &ns, &[v4, v6])?;
+        println!("{line}");
+        scene.daemons.push(child);
+        names.push(ns);
+    }
+    let (a, b) = (&names[0], &names[1]);
+    println!();
+    show(
+        &format!("ip -n {a} -d addr show ib0"),
+        Command::new("ip").args(["-n", a, "-d", "addr", "show", "ib0"]),
+        &stop,
+    )?;
+
+    println!("==> traffic from a to b");
+    let ping4 = show(
+        "ping -c 3 10.55.0.2",
+        &mut in_ns(a, &["ping", "-c", "3", "-i", "0.3", "10.55.0.2"]),
+        &stop,
+    )?;
+    let big = show(
+        "ping -c 2 -s 60000 10.55.0.2   (IP fragments over the 2044-byte IPoIB MTU)",
+        &mut in_ns(
+            a,
+            &["ping", "-c", "2", "-i", "0.3", "-s", "60000", "10.55.0.2"],
+        ),
+        &stop,
+    )?;
+    let ping6 = show(
+        "ping -6 -c 3 fd00:55::2",
+        &mut in_ns(a, &["ping", "-6", "-c", "3", "-i", "0.3", "fd00:55::2"]),
+        &stop,
+    )?;
+    let mut server = in_ns(b, &["iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("iperf3: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let iperf = show(
+        "iperf3 -c 10.55.0.2 -t 3",
+        &mut in_ns(a, &["iperf3", "-c", "10.55.0.2", "-t", "3", "-f", "m"]),
+        &stop,
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let iperf = iperf?;
+
+    let rtt = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("rtt"))
+            .unwrap_or("")
+            .to_string()
+    };
+    let rate = iperf
+        .lines()
+        .rev()
+        .find(|l| l.contains("receiver"))
+        .unwrap_or("")
+        .to_string();
+    println!("==> summary");
+    println!("  IPv4 ping:          {}", rtt(&ping4));
+    println!("  IPv4 60000-byte:    {}", rtt(&big));
+    println!("  IPv6 ping:          {}", rtt(&ping6));
+    println!("  iperf3 TCP:         {}", rate.trim());
+    println!(
+        "  capture:            fabric.pcap (removed with the demo; run ipoib-fabric --pcap to keep one)"
+    );
+    println!();
+    println!("==> stopping: SIGTERM to the daemons (they leave their groups and free the HCA)");
+    let mut clean = true;
+    for d in &mut scene.daemons {
+        let _ = Command::new("kill")
+            .args(["-TERM", &d.id().to_string()])
+            .status();
+        let st = d.wait().map_err(|e| e.to_string())?;
+        clean &= st.success();
+    }
+    scene.daemons.clear();
+    drop(scene);
+    if !clean {
+        return Err("a daemon did not exit cleanly".into());
+    }
+    println!("    all daemons exited cleanly; namespaces and the fabric removed");
+    Ok(())
+}
