@@ -96,6 +96,8 @@ pub struct Link<T: Transport> {
     pkey: u16,
     active: bool,
     next_start: Instant,
+    /// The last turn moved packets: do not sleep in the next one.
+    busy: bool,
     counters: LinkCounters,
     cqes: Vec<Cqe>,
 }
@@ -192,6 +194,7 @@ impl<T: Transport> Link<T> {
             pkey,
             active: false,
             next_start: Instant::now(),
+            busy: false,
             counters: LinkCounters::default(),
             cqes: Vec::with_capacity(64),
         };
@@ -289,14 +292,15 @@ impl<T: Transport> Link<T> {
             self.next_start = Instant::now() + Duration::from_millis(500);
             self.start();
         }
+        let wait = if self.busy { Duration::ZERO } else { wait };
         for e in self.hca.poll_events(wait)? {
             if let AsyncEvent::Port { change, .. } = e {
                 self.port_event(change);
             }
         }
         self.reap_sends();
-        self.receive(tun);
-        self.read_host(tun);
+        let moved = self.receive(tun) + self.read_host(tun);
+        self.busy = moved > 0;
         self.engine.poll(Instant::now(), &mut self.out);
         self.run_actions(Some(tun));
         Ok(before != self.carrier())
@@ -365,12 +369,26 @@ impl<T: Transport> Link<T> {
         }
     }
 
-    fn receive(&mut self, tun: &Tun) {
-        let Some(rcq) = self.rcq.as_mut() else { return };
+    fn receive(&mut self, tun: &Tun) -> usize {
+        let mut total = 0;
+        for _ in 0..8 {
+            let n = self.receive_batch(tun);
+            total += n;
+            if n == 0 {
+                break;
+            }
+        }
+        total
+    }
+
+    fn receive_batch(&mut self, tun: &Tun) -> usize {
+        let Some(rcq) = self.rcq.as_mut() else {
+            return 0;
+        };
         let mut buf = [Cqe::parse(&[0xF0u8; 64]); 32];
         let n = rcq.poll(&mut buf);
         if n == 0 {
-            return;
+            return 0;
         }
         self.cqes.clear();
         self.cqes.extend_from_slice(&buf[..n]);
@@ -430,16 +448,19 @@ impl<T: Transport> Link<T> {
             qp.ring_rq();
         }
         self.run_actions(Some(tun));
+        n
     }
 
-    fn read_host(&mut self, tun: &Tun) {
+    fn read_host(&mut self, tun: &Tun) -> usize {
         let now = Instant::now();
+        let mut read = 0;
         for _ in 0..64 {
             let Some(slot) = self.pool_free.pop() else {
-                return;
+                break;
             };
             match tun.recv(&mut self.pool[slot]) {
                 Ok(n) if n > VNET_HDR_LEN_MRG => {
+                    read += 1;
                     self.pool_len[slot] = n;
                     let bytes = &self.pool[slot][VNET_HDR_LEN_MRG..n];
                     self.engine.transmit(bytes, slot, now, &mut self.out);
@@ -450,13 +471,14 @@ impl<T: Transport> Link<T> {
                     if e.kind() != io::ErrorKind::WouldBlock {
                         tracing::warn!("reading the host interface: {e}");
                     }
-                    return;
+                    break;
                 }
             }
             if self.out.len() > 32 {
                 self.run_actions(Some(tun));
             }
         }
+        read
     }
 
     fn sa(&mut self, mad: [u8; 256]) -> Option<[u8; 256]> {
