@@ -121,34 +121,29 @@ fn start_daemon(
     }
 }
 
-/// Runs the demo with the built binaries in `target`.
-pub fn run(target: &Path) -> Result<(), String> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
-    }
+/// Starts the fabric (with a capture if `pcap`) and two daemons whose
+/// interfaces live in two new namespaces; returns the namespace names.
+fn ipoib_hosts(
+    scene: &mut Scene,
+    target: &Path,
+    pcap: bool,
+    tag: &str,
+) -> Result<Vec<String>, String> {
     let pid = std::process::id();
-    let dir = std::env::temp_dir().join(format!("ipoib-demo-{pid}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let mut scene = Scene {
-        dir: dir.clone(),
-        fabric: None,
-        daemons: Vec::new(),
-        netns: Vec::new(),
-    };
+    let dir = scene.dir.clone();
     let socket = dir.join("fabric.sock");
-    let pcap = dir.join("fabric.pcap");
 
     println!("==> a simulated InfiniBand fabric with its subnet manager");
     println!(
         "$ ipoib-fabric --socket {} --pcap fabric.pcap",
         socket.display()
     );
-    let fabric = Command::new(target.join("ipoib-fabric"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--pcap")
-        .arg(&pcap)
+    let mut fabric = Command::new(target.join("ipoib-fabric"));
+    fabric.arg("--socket").arg(&socket);
+    if pcap {
+        fabric.arg("--pcap").arg(dir.join("fabric.pcap"));
+    }
+    let fabric = fabric
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start ipoib-fabric: {e}"))?;
@@ -166,8 +161,8 @@ pub fn run(target: &Path) -> Result<(), String> {
         ("b", "10.55.0.2/24", "fd00:55::2/64"),
     ];
     let mut names = Vec::new();
-    for (tag, v4, v6) in hosts {
-        let ns = format!("ipoib-demo-{tag}-{pid}");
+    for (host, v4, v6) in hosts {
+        let ns = format!("ipoib-{tag}-{host}-{pid}");
         let st = Command::new("ip")
             .args(["netns", "add", &ns])
             .status()
@@ -177,7 +172,7 @@ pub fn run(target: &Path) -> Result<(), String> {
         }
         scene.netns.push(ns.clone());
         println!();
-        println!("==> host {tag}: an ipoib-vfio daemon on a simulated ConnectX-5, ib0 in {ns}");
+        println!("==> host {host}: an ipoib-vfio daemon on a simulated ConnectX-5, ib0 in {ns}");
         println!(
             "$ ipoib-vfio run --device sim --fabric fabric.sock --netns {ns} --address {v4} --address {v6}"
         );
@@ -186,6 +181,25 @@ pub fn run(target: &Path) -> Result<(), String> {
         scene.daemons.push(child);
         names.push(ns);
     }
+    Ok(names)
+}
+
+/// Runs the demo with the built binaries in `target`.
+pub fn run(target: &Path) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("ipoib-demo-{pid}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut scene = Scene {
+        dir: dir.clone(),
+        fabric: None,
+        daemons: Vec::new(),
+        netns: Vec::new(),
+    };
+    let names = ipoib_hosts(&mut scene, target, true, "demo")?;
     let (a, b) = (&names[0], &names[1]);
     println!();
     show(
@@ -265,4 +279,122 @@ pub fn run(target: &Path) -> Result<(), String> {
     }
     println!("    all daemons exited cleanly; namespaces and the fabric removed");
     Ok(())
+}
+
+/// TCP throughput (Mbit/s, iperf3 receiver side) and mean ping round trip
+/// (ms) from namespace `a` to `dst` in namespace `b`.
+fn measure(a: &str, b: &str, dst: &str, stop: &AtomicBool) -> Result<(f64, f64), String> {
+    if stop.load(Ordering::Relaxed) {
+        return Err("interrupted".into());
+    }
+    let ping = in_ns(a, &["ping", "-c", "20", "-i", "0.2", "-q", dst])
+        .output()
+        .map_err(|e| format!("ping: {e}"))?;
+    let text = String::from_utf8_lossy(&ping.stdout);
+    let rtt = text
+        .lines()
+        .find(|l| l.starts_with("rtt"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|avg| avg.parse::<f64>().ok())
+        .ok_or_else(|| format!("ping to {dst} failed: {text}"))?;
+    let mut server = in_ns(b, &["iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("iperf3: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = in_ns(a, &["iperf3", "-c", dst, "-t", "5", "-J"]).output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out.map_err(|e| format!("iperf3: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| format!("iperf3 to {dst} failed: {}", v["error"]))?;
+    Ok((bps / 1e6, rtt))
+}
+
+/// The IPoIB-versus-veth benchmark: the same ping and iperf3 between two
+/// namespaces over a veth pair and over two daemons on the simulated
+/// fabric, in one run. Returns the figures as Markdown table rows.
+pub fn bench(target: &Path) -> Result<Vec<String>, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("ipoib-bench-{pid}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+
+    let veth = {
+        let mut scene = Scene {
+            dir: dir.join("veth"),
+            fabric: None,
+            daemons: Vec::new(),
+            netns: Vec::new(),
+        };
+        let (va, vb) = (format!("ipoib-veth-a-{pid}"), format!("ipoib-veth-b-{pid}"));
+        for ns in [&va, &vb] {
+            let ok = Command::new("ip")
+                .args(["netns", "add", ns])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err(format!(
+                    "ip netns add {ns} failed (the benchmark needs root)"
+                ));
+            }
+            scene.netns.push(ns.clone());
+        }
+        let steps: [&[&str]; 5] = [
+            &[
+                "link", "add", "veth-a", "netns", &va, "type", "veth", "peer", "name", "veth-b",
+                "netns", &vb,
+            ],
+            &["-n", &va, "addr", "add", "10.66.0.1/24", "dev", "veth-a"],
+            &["-n", &vb, "addr", "add", "10.66.0.2/24", "dev", "veth-b"],
+            &["-n", &va, "link", "set", "veth-a", "up"],
+            &["-n", &vb, "link", "set", "veth-b", "up"],
+        ];
+        for args in steps {
+            let ok = Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err(format!("ip {}", args.join(" ")));
+            }
+        }
+        println!("==> veth pair");
+        measure(&va, &vb, "10.66.0.2", &stop)?
+    };
+    let ipoib = {
+        let mut scene = Scene {
+            dir: dir.join("ipoib"),
+            fabric: None,
+            daemons: Vec::new(),
+            netns: Vec::new(),
+        };
+        std::fs::create_dir_all(&scene.dir).map_err(|e| e.to_string())?;
+        let names = ipoib_hosts(&mut scene, target, false, "bench")?;
+        println!("==> IPoIB over the simulated fabric");
+        measure(&names[0], &names[1], "10.55.0.2", &stop)?
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(vec![
+        format!(
+            "| iperf3 TCP throughput, Mbit/s | {:.0} | {:.0} | {:.3} |",
+            ipoib.0,
+            veth.0,
+            ipoib.0 / veth.0
+        ),
+        format!(
+            "| ping round trip (mean of 20), ms | {:.3} | {:.3} | {:.3} |",
+            ipoib.1,
+            veth.1,
+            veth.1 / ipoib.1
+        ),
+    ])
 }

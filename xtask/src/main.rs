@@ -187,7 +187,34 @@ fn bench() -> Result<(), String> {
             "200000",
         ]),
     )?;
-    driver_instructions_per_packet()
+    driver_instructions_per_packet()?;
+    ipoib_versus_veth()
+}
+
+/// The datagram-mode stack end to end (release build) against a veth pair
+/// measured in the same run.
+fn ipoib_versus_veth() -> Result<(), String> {
+    ensure_packages(demo::DEMO_PACKAGES)?;
+    run(
+        "release build of the daemon and the fabric",
+        cargo().args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "ipoib-device",
+            "-p",
+            "ipoib-sim",
+        ]),
+    )?;
+    let rows = demo::bench(&root().join("target/release"))?;
+    println!();
+    println!("| two namespaces | IPoIB (simulated fabric) | veth | ratio |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
 }
 
 /// Runs the UD benchmark under callgrind, collecting only inside its
@@ -282,8 +309,9 @@ fn main() -> ExitCode {
         "test" => test(),
         "demo" => demo(),
         "bench" => bench(),
+        "bench-ipoib" => ipoib_versus_veth(),
         _ => {
-            eprintln!("usage: cargo xtask <demo | test | bench>");
+            eprintln!("usage: cargo xtask <demo | test | bench | bench-ipoib>");
             return ExitCode::from(2);
         }
     };
