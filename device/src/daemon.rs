@@ -13,6 +13,8 @@ use mlx5_driver::transport::Transport;
 use mlx5_driver::transport::tun::{Tun, TunOffloads, enter_netns};
 use mlx5_driver::{Hca, HcaConfig, error_chain};
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
 use crate::link::Link;
 use crate::probe::{DeviceSpec, wait_for_active};
 
@@ -154,9 +156,25 @@ fn serve_link<T: Transport>(
         link.hw_addr(),
         link.mtu()
     );
+    // One wait set: the host interface and the HCA's event queue (armed
+    // completion queues, port events, page requests).
+    let epoll = match wait_set(tun, link.event_fd()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ipoib-vfio: setting up the event loop: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ready = [EpollEvent::default(); 4];
     let mut next_addr_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        match link.poll(tun, Duration::from_millis(1)) {
+        if !link.busy() {
+            link.arm();
+            // Timers (ARP retries, joins, ageing) are coarse: 20 ms is
+            // plenty. EINTR (a signal) just ends the wait.
+            let _ = epoll.wait(20, &mut ready);
+        }
+        match link.poll(tun, Duration::ZERO) {
             Ok(true) => {
                 let _ = tun.set_carrier(link.carrier());
                 tracing::info!(carrier = link.carrier(), "carrier changed");
@@ -176,6 +194,20 @@ fn serve_link<T: Transport>(
         }
     }
     ExitCode::SUCCESS
+}
+
+fn wait_set(tun: &Tun, hca_fd: Option<std::os::fd::RawFd>) -> std::io::Result<Epoll> {
+    use std::os::fd::AsRawFd;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        tun.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    )?;
+    if let Some(fd) = hca_fd {
+        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 1))?;
+    }
+    Ok(epoll)
 }
 
 fn finish(report: mlx5_driver::hca::TeardownReport, status: ExitCode) -> ExitCode {

@@ -98,6 +98,8 @@ pub struct Link<T: Transport> {
     next_start: Instant,
     /// The last turn moved packets: do not sleep in the next one.
     busy: bool,
+    /// The completion queues are armed for an event.
+    armed: bool,
     counters: LinkCounters,
     cqes: Vec<Cqe>,
 }
@@ -195,6 +197,7 @@ impl<T: Transport> Link<T> {
             active: false,
             next_start: Instant::now(),
             busy: false,
+            armed: false,
             counters: LinkCounters::default(),
             cqes: Vec::with_capacity(64),
         };
@@ -294,8 +297,10 @@ impl<T: Transport> Link<T> {
         }
         let wait = if self.busy { Duration::ZERO } else { wait };
         for e in self.hca.poll_events(wait)? {
-            if let AsyncEvent::Port { change, .. } = e {
-                self.port_event(change);
+            match e {
+                AsyncEvent::Port { change, .. } => self.port_event(change),
+                AsyncEvent::Completion { cqn } => self.completion_event(cqn),
+                AsyncEvent::Other(_) => {}
             }
         }
         self.reap_sends();
@@ -304,6 +309,38 @@ impl<T: Transport> Link<T> {
         self.engine.poll(Instant::now(), &mut self.out);
         self.run_actions(Some(tun));
         Ok(before != self.carrier())
+    }
+
+    fn completion_event(&mut self, cqn: u32) {
+        for cq in [self.rcq.as_mut(), self.scq.as_mut()].into_iter().flatten() {
+            if cq.cqn() == cqn {
+                cq.event();
+                self.armed = false;
+            }
+        }
+    }
+
+    /// Whether the last turn moved packets (the caller should not sleep).
+    pub fn busy(&self) -> bool {
+        self.busy
+    }
+
+    /// Arms both completion queues so the next completion raises an event
+    /// on [`Hca::event_fd`]; call before sleeping.
+    pub fn arm(&mut self) {
+        if self.armed {
+            return;
+        }
+        let t = self.hca.transport();
+        for cq in [self.rcq.as_mut(), self.scq.as_mut()].into_iter().flatten() {
+            cq.arm(t);
+        }
+        self.armed = true;
+    }
+
+    /// The HCA's event eventfd, for the caller's wait set.
+    pub fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.hca.event_fd()
     }
 
     fn port_event(&mut self, change: PortChange) {

@@ -1121,6 +1121,15 @@ impl<T: Transport> Hca<T> {
         self.eq.as_ref().map_or(0, |e| e.eqn)
     }
 
+    /// The eventfd of the MSI-X vector of the event queue, for an event
+    /// loop's wait set: readable when the EQ has new entries (completions of
+    /// armed CQs, port events, page requests, command completions). Serve
+    /// it with [`Hca::poll_events`].
+    pub fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.irq.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
     /// The scatter-list terminator key (§7.6).
     pub fn terminator_lkey(&self) -> u32 {
         match self.special {
