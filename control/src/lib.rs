@@ -241,7 +241,7 @@ pub fn allowed(uid: u32, gid: Option<u32>) -> bool {
     nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
         .ok()
         .flatten()
-        .is_some_and(|g| g.mem.iter().any(|m| *m == user.name))
+        .is_some_and(|g| g.mem.contains(&user.name))
 }
 
 /// Sends `command` to the daemon at `socket` and returns its response.
@@ -283,17 +283,22 @@ mod tests {
         let show: Request = serde_json::from_str(r#"{"version":1,"cmd":"show"}"#).unwrap();
         assert_eq!(show.command, Command::Show { interface: None });
         let e = serde_json::to_string(&Response::error("no such interface")).unwrap();
-        assert_eq!(e, r#"{"version":1,"kind":"error","message":"no such interface"}"#);
+        assert_eq!(
+            e,
+            r#"{"version":1,"kind":"error","message":"no such interface"}"#
+        );
     }
 
     #[test]
     fn bad_requests_are_errors() {
         let (a, b) = UnixStream::pair().unwrap();
         let t = Duration::from_millis(200);
-        (&a).write_all(b"{\"version\":2,\"cmd\":\"show\"}\n").unwrap();
+        (&a).write_all(b"{\"version\":2,\"cmd\":\"show\"}\n")
+            .unwrap();
         assert!(matches!(read_request(&b, t), Err(ControlError::Version(2))));
         let (a, b) = UnixStream::pair().unwrap();
-        (&a).write_all(b"{\"version\":1,\"cmd\":\"reboot\"}\n").unwrap();
+        (&a).write_all(b"{\"version\":1,\"cmd\":\"reboot\"}\n")
+            .unwrap();
         assert!(matches!(read_request(&b, t), Err(ControlError::Parse(_))));
         let (a, b) = UnixStream::pair().unwrap();
         (&a).write_all(&[b'x'; MAX_REQUEST + 10]).unwrap();

@@ -92,6 +92,13 @@ pub enum Command {
         /// Seconds to wait for the port to become Active at start.
         #[arg(long, default_value_t = 10)]
         wait_active: u64,
+        /// The control socket `ipoib-tool` talks to (created mode 0600).
+        #[arg(long, value_name = "PATH", default_value = ipoib_control::DEFAULT_SOCKET)]
+        control: std::path::PathBuf,
+        /// Numeric group ID whose members may use the control socket
+        /// besides root (the socket becomes 0660).
+        #[arg(long, value_name = "GID")]
+        control_group: Option<u32>,
     },
 }
 
@@ -168,6 +175,8 @@ pub fn main() -> ExitCode {
             netns,
             addresses,
             wait_active,
+            control,
+            control_group,
         } => {
             let spec = match DeviceSpec::parse(&device, &sim_faults, fabric.as_deref()) {
                 Ok(s) => s,
@@ -192,6 +201,8 @@ pub fn main() -> ExitCode {
                 netns,
                 addresses,
                 wait_active: Duration::from_secs(wait_active),
+                control,
+                control_group,
             };
             crate::daemon::run(&spec, &opts)
         }

@@ -15,6 +15,7 @@ use mlx5_driver::{Hca, HcaConfig, error_chain};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::control::ControlServer;
 use crate::link::Link;
 use crate::probe::{DeviceSpec, wait_for_active};
 
@@ -29,6 +30,10 @@ pub struct RunOptions {
     pub addresses: Vec<(IpAddr, u8)>,
     /// How long to wait for the port to become Active at start.
     pub wait_active: Duration,
+    /// The control socket.
+    pub control: PathBuf,
+    /// A group whose members may use the control socket besides root.
+    pub control_group: Option<u32>,
 }
 
 /// Parses `ADDR/PREFIX`.
@@ -57,6 +62,13 @@ pub fn run(spec: &DeviceSpec, opts: &RunOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let control = match ControlServer::bind(&opts.control, opts.control_group) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ipoib-vfio: control socket {}: {e}", opts.control.display());
+            return ExitCode::FAILURE;
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
@@ -66,7 +78,7 @@ pub fn run(spec: &DeviceSpec, opts: &RunOptions) -> ExitCode {
     }
     match spec {
         DeviceSpec::Pci(bdf) => match mlx5_driver::transport::vfio::VfioTransport::open(bdf) {
-            Ok(t) => serve(t, opts, &stop),
+            Ok(t) => serve(t, opts, &control, &stop),
             Err(e) => {
                 eprintln!("ipoib-vfio: opening {bdf} failed: {}", error_chain(&e));
                 ExitCode::FAILURE
@@ -75,7 +87,7 @@ pub fn run(spec: &DeviceSpec, opts: &RunOptions) -> ExitCode {
         #[cfg(feature = "sim")]
         DeviceSpec::Sim(faults, fabric) => {
             match crate::probe::sim_device(faults, fabric.as_deref()) {
-                Ok(sim) => serve(sim, opts, &stop),
+                Ok(sim) => serve(sim, opts, &control, &stop),
                 Err(line) => {
                     eprintln!("ipoib-vfio: {line}");
                     ExitCode::FAILURE
@@ -85,7 +97,12 @@ pub fn run(spec: &DeviceSpec, opts: &RunOptions) -> ExitCode {
     }
 }
 
-fn serve<T: Transport>(t: T, opts: &RunOptions, stop: &AtomicBool) -> ExitCode {
+fn serve<T: Transport>(
+    t: T,
+    opts: &RunOptions,
+    control: &ControlServer,
+    stop: &AtomicBool,
+) -> ExitCode {
     let mut hca = match Hca::bring_up(t, HcaConfig::default()) {
         Ok(h) => h,
         Err(e) => {
@@ -118,7 +135,7 @@ fn serve<T: Transport>(t: T, opts: &RunOptions, stop: &AtomicBool) -> ExitCode {
             return finish(report, ExitCode::FAILURE);
         }
     };
-    let status = serve_link(&mut link, &tun, &nl, opts, stop);
+    let status = serve_link(&mut link, &tun, &nl, opts, control, stop);
     let name = tun.name().to_string();
     drop(tun);
     tracing::info!(interface = %name, "stopping");
@@ -130,6 +147,7 @@ fn serve_link<T: Transport>(
     tun: &Tun,
     nl: &Netlink,
     opts: &RunOptions,
+    control: &ControlServer,
     stop: &AtomicBool,
 ) -> ExitCode {
     let name = tun.name().to_string();
@@ -158,7 +176,7 @@ fn serve_link<T: Transport>(
     );
     // One wait set: the host interface and the HCA's event queue (armed
     // completion queues, port events, page requests).
-    let epoll = match wait_set(tun, link.event_fd()) {
+    let epoll = match wait_set(tun, link.event_fd(), control) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("ipoib-vfio: setting up the event loop: {e}");
@@ -174,6 +192,7 @@ fn serve_link<T: Transport>(
             // plenty. EINTR (a signal) just ends the wait.
             let _ = epoll.wait(20, &mut ready);
         }
+        control.serve(&name, link);
         match link.poll(tun, Duration::ZERO) {
             Ok(true) => {
                 let _ = tun.set_carrier(link.carrier());
@@ -196,7 +215,11 @@ fn serve_link<T: Transport>(
     ExitCode::SUCCESS
 }
 
-fn wait_set(tun: &Tun, hca_fd: Option<std::os::fd::RawFd>) -> std::io::Result<Epoll> {
+fn wait_set(
+    tun: &Tun,
+    hca_fd: Option<std::os::fd::RawFd>,
+    control: &ControlServer,
+) -> std::io::Result<Epoll> {
     use std::os::fd::AsRawFd;
     let epoll = Epoll::new()?;
     epoll.ctl(
@@ -207,6 +230,11 @@ fn wait_set(tun: &Tun, hca_fd: Option<std::os::fd::RawFd>) -> std::io::Result<Ep
     if let Some(fd) = hca_fd {
         epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 1))?;
     }
+    epoll.ctl(
+        ControlOperation::Add,
+        control.listener().as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 2),
+    )?;
     Ok(epoll)
 }
 

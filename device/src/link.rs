@@ -241,6 +241,21 @@ impl<T: Transport> Link<T> {
             .unwrap_or(2044)
     }
 
+    /// The port's LID.
+    pub fn lid(&self) -> u16 {
+        self.lid
+    }
+
+    /// The port GID.
+    pub fn gid(&self) -> [u8; 16] {
+        self.gid
+    }
+
+    /// The P_Key.
+    pub fn pkey(&self) -> u16 {
+        self.pkey
+    }
+
     /// Counters.
     pub fn counters(&self) -> LinkCounters {
         self.counters
@@ -492,6 +507,14 @@ impl<T: Transport> Link<T> {
         let now = Instant::now();
         let mut read = 0;
         for _ in 0..64 {
+            // Back-pressure: with the send queue nearly full, leave packets
+            // in the TUN queue rather than drop them.
+            if self.tx_free.len() < 8 {
+                self.reap_sends();
+                if self.tx_free.len() < 8 {
+                    break;
+                }
+            }
             let Some(slot) = self.pool_free.pop() else {
                 break;
             };
@@ -633,6 +656,9 @@ impl<T: Transport> Link<T> {
             Dest::Unicast { ah, qpn } => AddressVector { dqpn: qpn, ..ah },
             Dest::Multicast { ah, .. } => ah,
         };
+        if self.tx_free.is_empty() {
+            self.reap_sends();
+        }
         let Some(slot) = self.tx_free.pop() else {
             self.counters.tx_no_buffer += 1;
             if let Payload::Host(p, _) = payload {

@@ -46,14 +46,18 @@ impl Drop for Netns {
 /// A running daemon; SIGKILLed if the test fails before stopping it.
 struct Daemon {
     child: Option<Child>,
+    control: std::path::PathBuf,
 }
 
 impl Daemon {
     fn start(socket: &std::path::Path, ns: &Netns, addrs: &[&str]) -> Daemon {
+        let control = socket.with_file_name(format!("{}.ctl", ns.0));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipoib-vfio"));
         cmd.args(["run", "--device", "sim", "--fabric"])
             .arg(socket)
-            .args(["--netns", &ns.0]);
+            .args(["--netns", &ns.0])
+            .arg("--control")
+            .arg(&control);
         for a in addrs {
             cmd.args(["--address", a]);
         }
@@ -79,7 +83,14 @@ impl Daemon {
                 Err(_) => panic!("daemon in {} did not come up", ns.0),
             }
         }
-        Daemon { child: Some(child) }
+        Daemon {
+            child: Some(child),
+            control,
+        }
+    }
+
+    fn ask(&self, cmd: ipoib_control::Command) -> ipoib_control::Reply {
+        ipoib_control::call(&self.control, cmd).unwrap().reply
     }
 
     /// SIGTERM, then the exit status (success means every HCA object,
@@ -188,6 +199,71 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
     assert!(tcp > 100_000, "TCP transferred {tcp} bytes");
     let udp = iperf(&nb, &na, "10.20.0.2", true);
     assert!(udp > 100_000, "UDP transferred {udp} bytes");
+
+    // ipoib-tool's view matches the traffic.
+    use ipoib_control::{Command as Ask, Reply};
+    let Reply::Interfaces { interfaces } = a.ask(Ask::Show { interface: None }) else {
+        panic!("show");
+    };
+    assert_eq!(interfaces.len(), 1);
+    let ia = &interfaces[0];
+    assert_eq!(
+        (ia.name.as_str(), ia.mode.as_str(), ia.state.as_str()),
+        ("ib0", "datagram", "up")
+    );
+    assert_eq!(ia.mtu, 2044);
+    assert_eq!(ia.pkey, 0xffff);
+    assert!(ia.hw_addr.starts_with("80:"), "{}", ia.hw_addr);
+    let Reply::Stats { counters } = a.ask(Ask::Stats {
+        interface: "ib0".into(),
+    }) else {
+        panic!("stats");
+    };
+    let get = |n: &str| {
+        counters
+            .iter()
+            .find(|c| c.name == n)
+            .map(|c| c.value)
+            .unwrap()
+    };
+    assert!(get("tx_packets") > 1000, "iperf3 went out: {counters:?}");
+    assert!(get("rx_delivered") > 100);
+    assert_eq!(get("tx_errors") + get("rx_errors"), 0);
+    let Reply::Neigh { neighbours } = a.ask(Ask::Neigh {
+        interface: "ib0".into(),
+    }) else {
+        panic!("neigh");
+    };
+    let b_entry = neighbours
+        .iter()
+        .find(|n| n.ip == "10.20.0.2")
+        .expect("b in a's table");
+    let Reply::Interfaces { interfaces: ib } = b.ask(Ask::Show {
+        interface: Some("ib0".into()),
+    }) else {
+        panic!("show b");
+    };
+    assert_eq!(b_entry.hw_addr.as_deref(), Some(ib[0].hw_addr.as_str()));
+    assert!(neighbours.iter().any(|n| n.ip == "fd00:20::2"));
+    let Reply::Mcg { groups } = a.ask(Ask::Mcg {
+        interface: "ib0".into(),
+    }) else {
+        panic!("mcg");
+    };
+    assert!(
+        groups
+            .iter()
+            .any(|g| g.mgid == "ff12:401b:ffff:0000:0000:0000:ffff:ffff"
+                && g.joined
+                && !g.send_only)
+    );
+    // A bad request changes nothing and gets a clear error.
+    match a.ask(Ask::Stats {
+        interface: "ib9".into(),
+    }) {
+        Reply::Error { message } => assert!(message.contains("ib9"), "{message}"),
+        r => panic!("{r:?}"),
+    }
 
     // A third host joining later is reachable.
     let c = Daemon::start(&socket, &nc, &["10.20.0.3/24"]);

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod control;
 pub mod vfio_bind;
 
 use std::path::PathBuf;
@@ -22,6 +23,9 @@ pub struct Cli {
     /// Root of sysfs (for testing against a copy).
     #[arg(long, global = true, hide = true, default_value = "/sys")]
     pub sysfs: PathBuf,
+    /// The control socket of the ipoib-vfio daemon to ask.
+    #[arg(long, global = true, default_value = ipoib_control::DEFAULT_SOCKET)]
+    pub control: PathBuf,
     /// Root of devfs (for testing against a copy).
     #[arg(long, global = true, hide = true, default_value = "/dev")]
     pub devfs: PathBuf,
@@ -52,6 +56,27 @@ pub enum Command {
         /// PCI address.
         bdf: String,
     },
+    /// IPoIB interfaces: mode, MTU, P_Key, port, state, LID, GID, hardware
+    /// address, QPN.
+    Show {
+        /// Only this interface.
+        interface: Option<String>,
+    },
+    /// Counters of an interface (ethtool -S), drops by reason.
+    Stats {
+        /// The interface.
+        interface: String,
+    },
+    /// The neighbour table of an interface (debugfs ib0_path).
+    Neigh {
+        /// The interface.
+        interface: String,
+    },
+    /// The multicast groups of an interface (debugfs ib0_mcg).
+    Mcg {
+        /// The interface.
+        interface: String,
+    },
 }
 
 /// Entry point of the binary.
@@ -61,10 +86,46 @@ pub fn main() -> ExitCode {
         sys: cli.sysfs.clone(),
         dev: cli.devfs.clone(),
     };
+    let query = match &cli.command {
+        Command::Show { interface } => Some(ipoib_control::Command::Show {
+            interface: interface.clone(),
+        }),
+        Command::Stats { interface } => Some(ipoib_control::Command::Stats {
+            interface: interface.clone(),
+        }),
+        Command::Neigh { interface } => Some(ipoib_control::Command::Neigh {
+            interface: interface.clone(),
+        }),
+        Command::Mcg { interface } => Some(ipoib_control::Command::Mcg {
+            interface: interface.clone(),
+        }),
+        _ => None,
+    };
+    if let Some(q) = query {
+        return match control::run(&cli.control, q, cli.json) {
+            Ok(text) => {
+                print!("{text}");
+                if cli.json {
+                    println!();
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ipoib-tool: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let r = match &cli.command {
         Command::BindVfio { bdf } => vfio_bind::bind(&paths, bdf),
         Command::UnbindVfio { bdf, driver } => vfio_bind::unbind(&paths, bdf, driver),
         Command::VfioStatus { bdf } => vfio_bind::status(&paths, bdf),
+        Command::Show { .. }
+        | Command::Stats { .. }
+        | Command::Neigh { .. }
+        | Command::Mcg { .. } => {
+            return ExitCode::FAILURE;
+        }
     };
     match r {
         Ok(report) => {

@@ -90,7 +90,9 @@ fn start_daemon(
     let mut cmd = Command::new(bin);
     cmd.args(["run", "--device", "sim", "--fabric"])
         .arg(socket)
-        .args(["--netns", ns]);
+        .args(["--netns", ns])
+        .arg("--control")
+        .arg(socket.with_file_name(format!("{ns}.ctl")));
     for a in addrs {
         cmd.args(["--address", a]);
     }
@@ -208,6 +210,17 @@ pub fn run(target: &Path) -> Result<(), String> {
         &stop,
     )?;
 
+    let tool = target.join("ipoib-tool");
+    let ctl_a = dir.join(format!("{a}.ctl"));
+    show(
+        "ipoib-tool show ib0   (host a)",
+        Command::new(&tool)
+            .arg("--control")
+            .arg(&ctl_a)
+            .args(["show", "ib0"]),
+        &stop,
+    )?;
+
     println!("==> traffic from a to b");
     let ping4 = show(
         "ping -c 3 10.55.0.2",
@@ -254,6 +267,30 @@ pub fn run(target: &Path) -> Result<(), String> {
         .find(|l| l.contains("receiver"))
         .unwrap_or("")
         .to_string();
+    show(
+        "ipoib-tool neigh ib0   (host a: its neighbour table)",
+        Command::new(&tool)
+            .arg("--control")
+            .arg(&ctl_a)
+            .args(["neigh", "ib0"]),
+        &stop,
+    )?;
+    show(
+        "ipoib-tool mcg ib0",
+        Command::new(&tool)
+            .arg("--control")
+            .arg(&ctl_a)
+            .args(["mcg", "ib0"]),
+        &stop,
+    )?;
+    show(
+        "ipoib-tool stats ib0",
+        Command::new(&tool)
+            .arg("--control")
+            .arg(&ctl_a)
+            .args(["stats", "ib0"]),
+        &stop,
+    )?;
     println!("==> summary");
     println!("  IPv4 ping:          {}", rtt(&ping4));
     println!("  IPv4 60000-byte:    {}", rtt(&big));

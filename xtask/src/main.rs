@@ -140,7 +140,16 @@ fn demo() -> Result<(), String> {
     ensure_packages(demo::DEMO_PACKAGES)?;
     run(
         "build",
-        cargo().args(["build", "-q", "-p", "ipoib-device", "-p", "ipoib-sim"]),
+        cargo().args([
+            "build",
+            "-q",
+            "-p",
+            "ipoib-device",
+            "-p",
+            "ipoib-sim",
+            "-p",
+            "ipoib-tool",
+        ]),
     )?;
     let target = root().join("target/debug");
     let bin = target.join("ipoib-vfio");

@@ -135,6 +135,36 @@ pub enum Drop {
     Ethertype,
 }
 
+impl Drop {
+    /// Every reason, in the order `ipoib-tool stats` prints them.
+    pub const ALL: [Drop; 9] = [
+        Drop::Malformed,
+        Drop::QueueFull,
+        Drop::Unreachable,
+        Drop::McastNotJoined,
+        Drop::NoCarrier,
+        Drop::OwnLoopback,
+        Drop::Flushed,
+        Drop::BadControl,
+        Drop::Ethertype,
+    ];
+
+    /// The counter name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::Malformed => "drop_malformed",
+            Drop::QueueFull => "drop_queue_full",
+            Drop::Unreachable => "drop_unreachable",
+            Drop::McastNotJoined => "drop_mcast_not_joined",
+            Drop::NoCarrier => "drop_no_carrier",
+            Drop::OwnLoopback => "drop_own_loopback",
+            Drop::Flushed => "drop_flushed",
+            Drop::BadControl => "drop_bad_arp_nd",
+            Drop::Ethertype => "drop_ethertype",
+        }
+    }
+}
+
 /// What the caller does next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action<A, P> {

@@ -1,0 +1,203 @@
+//! The daemon's side of the control socket (protocol in `ipoib-control`).
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipoib_control::{self as proto, Command, Reply, Response};
+use mlx5_driver::transport::Transport;
+
+use crate::engine::datagram::Drop;
+use crate::engine::mgid::format_gid;
+use crate::link::Link;
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The listening control socket; the file is removed on drop.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    group: Option<u32>,
+}
+
+impl ControlServer {
+    /// Listens at `path`, mode 0600 (0660 when `group` may use it too). A
+    /// socket file nobody answers on is replaced; one a live daemon serves
+    /// is an error.
+    pub fn bind(path: &Path, group: Option<u32>) -> io::Result<ControlServer> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another ipoib-vfio serves the control socket {}",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+        }
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            group,
+        })
+    }
+
+    /// The listening socket, for the wait set.
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    /// Answers every waiting client.
+    pub fn serve<T: Transport>(&self, ifname: &str, link: &Link<T>) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if let Err(e) = self.answer(&stream, ifname, link) {
+                tracing::debug!("control client: {e}");
+            }
+        }
+    }
+
+    fn answer<T: Transport>(
+        &self,
+        stream: &UnixStream,
+        ifname: &str,
+        link: &Link<T>,
+    ) -> Result<(), proto::ControlError> {
+        stream.set_nonblocking(false)?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let uid = proto::peer_uid(stream)?;
+        let response = if !proto::allowed(uid, self.group) {
+            Response::error(format!("permission denied for uid {uid}"))
+        } else {
+            match proto::read_request(stream, REQUEST_TIMEOUT) {
+                Ok(req) => respond(&req.command, ifname, link),
+                Err(e) => Response::error(e.to_string()),
+            }
+        };
+        proto::write_response(stream, &response)
+    }
+}
+
+impl std::ops::Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The answer to `cmd` for the interface `ifname` served by `link`.
+pub fn respond<T: Transport>(cmd: &Command, ifname: &str, link: &Link<T>) -> Response {
+    let unknown = |name: &str| {
+        Response::error(format!(
+            "no interface {name:?} (this daemon serves {ifname})"
+        ))
+    };
+    let reply = match cmd {
+        Command::Show { interface } => match interface {
+            Some(i) if i != ifname => return unknown(i),
+            _ => Reply::Interfaces {
+                interfaces: vec![interface_info(ifname, link)],
+            },
+        },
+        Command::Stats { interface } if interface == ifname => Reply::Stats {
+            counters: counters(link),
+        },
+        Command::Neigh { interface } if interface == ifname => {
+            let now = Instant::now();
+            let mut neighbours: Vec<proto::Neighbour> = link
+                .engine()
+                .neighbours(now)
+                .into_iter()
+                .map(|e| proto::Neighbour {
+                    ip: e.key.to_string(),
+                    hw_addr: e.value.map(|h| h.to_string()),
+                    age_ms: u64::try_from(e.age.as_millis()).unwrap_or(u64::MAX),
+                    queued: e.queued,
+                    valid: e.valid,
+                })
+                .collect();
+            neighbours.sort_by(|a, b| a.ip.cmp(&b.ip));
+            Reply::Neigh { neighbours }
+        }
+        Command::Mcg { interface } if interface == ifname => {
+            let mut groups: Vec<proto::Group> = link
+                .engine()
+                .groups()
+                .into_iter()
+                .map(|(g, joined, send_only)| proto::Group {
+                    mgid: format_gid(&g),
+                    joined,
+                    send_only,
+                })
+                .collect();
+            groups.sort_by(|a, b| a.mgid.cmp(&b.mgid));
+            Reply::Mcg { groups }
+        }
+        Command::Stats { interface }
+        | Command::Neigh { interface }
+        | Command::Mcg { interface } => {
+            return unknown(interface);
+        }
+    };
+    Response {
+        version: proto::VERSION,
+        reply,
+    }
+}
+
+fn interface_info<T: Transport>(ifname: &str, link: &Link<T>) -> proto::Interface {
+    let hw = link.hw_addr();
+    proto::Interface {
+        name: ifname.to_string(),
+        mode: "datagram".into(),
+        mtu: link.mtu(),
+        pkey: link.pkey(),
+        parent: None,
+        port: 1,
+        state: if link.carrier() { "up" } else { "down" }.into(),
+        lid: link.lid(),
+        gid: format_gid(&link.gid()),
+        hw_addr: hw.to_string(),
+        qpn: hw.qpn(),
+    }
+}
+
+fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
+    let c = link.counters();
+    let mut out: Vec<proto::Counter> = [
+        ("tx_packets", c.tx_packets),
+        ("tx_bytes", c.tx_bytes),
+        ("rx_packets", c.rx_packets),
+        ("rx_bytes", c.rx_bytes),
+        ("rx_delivered", c.rx_delivered),
+        ("tx_no_buffer", c.tx_no_buffer),
+        ("tx_errors", c.tx_errors),
+        ("rx_errors", c.rx_errors),
+        ("sa_failures", c.sa_failures),
+    ]
+    .into_iter()
+    .map(|(n, v)| proto::Counter {
+        name: n.into(),
+        value: v,
+    })
+    .collect();
+    out.extend(Drop::ALL.iter().map(|d| proto::Counter {
+        name: d.name().into(),
+        value: link.engine().drops(*d),
+    }));
+    out
+}

@@ -1,0 +1,95 @@
+//! `ipoib-tool show | stats | neigh | mcg`: what sysfs, ethtool -S and
+//! debugfs (`ib0_path`, `ib0_mcg`) show for the kernel driver, asked of a
+//! running `ipoib-vfio` over its control socket.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use ipoib_control::{Command, ControlError, Reply};
+
+/// Asks the daemon at `socket` and renders the answer (JSON when `json`).
+/// A refusal from the daemon is an error.
+pub fn run(socket: &Path, command: Command, json: bool) -> Result<String, String> {
+    let r = ipoib_control::call(socket, command).map_err(|e| match e {
+        ControlError::Io(io) => format!(
+            "cannot reach ipoib-vfio at {} ({io}); is the daemon running, and are we allowed?",
+            socket.display()
+        ),
+        other => other.to_string(),
+    })?;
+    if let Reply::Error { message } = &r.reply {
+        return Err(message.clone());
+    }
+    if json {
+        return serde_json::to_string_pretty(&r.reply).map_err(|e| e.to_string());
+    }
+    Ok(render(&r.reply))
+}
+
+/// Text for people.
+pub fn render(reply: &Reply) -> String {
+    let mut s = String::new();
+    match reply {
+        Reply::Interfaces { interfaces } => {
+            for i in interfaces {
+                let _ = writeln!(
+                    s,
+                    "{}: mode {} mtu {} pkey 0x{:04x} port {} state {}",
+                    i.name,
+                    i.mode,
+                    i.mtu,
+                    i.pkey,
+                    i.port,
+                    i.state.to_uppercase()
+                );
+                if let Some(p) = &i.parent {
+                    let _ = writeln!(s, "    parent {p}");
+                }
+                let _ = writeln!(s, "    lid 0x{:x} gid {}", i.lid, i.gid);
+                let _ = writeln!(s, "    link/infiniband {} qpn 0x{:06x}", i.hw_addr, i.qpn);
+            }
+        }
+        Reply::Stats { counters } => {
+            let w = counters.iter().map(|c| c.name.len()).max().unwrap_or(0);
+            for c in counters {
+                let _ = writeln!(s, "     {:w$}: {}", c.name, c.value);
+            }
+        }
+        Reply::Neigh { neighbours } => {
+            for n in neighbours {
+                let _ = writeln!(
+                    s,
+                    "{:<40} {} age {} ms{}{}",
+                    n.ip,
+                    n.hw_addr.as_deref().unwrap_or("(resolving)"),
+                    n.age_ms,
+                    if n.queued > 0 {
+                        format!(" queued {}", n.queued)
+                    } else {
+                        String::new()
+                    },
+                    if n.valid || n.hw_addr.is_none() {
+                        ""
+                    } else {
+                        " stale"
+                    }
+                );
+            }
+        }
+        Reply::Mcg { groups } => {
+            for g in groups {
+                let _ = writeln!(
+                    s,
+                    "GID: {}\n  joined: {}  send-only: {}",
+                    g.mgid,
+                    u8::from(g.joined),
+                    u8::from(g.send_only)
+                );
+            }
+        }
+        Reply::Error { message } => {
+            let _ = writeln!(s, "error: {message}");
+        }
+    }
+    s
+}
