@@ -153,9 +153,10 @@ fn iperf(server_ns: &Netns, client_ns: &Netns, dst: &str, udp: bool) -> u64 {
         .spawn()
         .expect("iperf3 must be installed (cargo xtask test installs it)");
     std::thread::sleep(Duration::from_millis(500));
-    let mut args = vec!["iperf3", "-c", dst, "-t", "2", "-J"];
+    // Rates capped so the capture stays small enough to decode quickly.
+    let mut args = vec!["iperf3", "-c", dst, "-t", "2", "-J", "-b", "20M"];
     if udp {
-        args.extend(["-u", "-b", "20M", "-l", "1400"]);
+        args.extend(["-u", "-l", "1400"]);
     }
     let out = client_ns.exec(&args);
     let _ = server.kill();
@@ -175,7 +176,14 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
     let dir = std::env::temp_dir().join(format!("ipoib-daemon-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("fabric.sock");
-    let fabric = Arc::new(Fabric::new(FabricConfig::default()).unwrap());
+    let pcap = dir.join("fabric.pcap");
+    let fabric = Arc::new(
+        Fabric::new(FabricConfig {
+            pcap: Some(pcap.clone()),
+            ..FabricConfig::default()
+        })
+        .unwrap(),
+    );
     let listener = UnixListener::bind(&socket).unwrap();
     let f2 = fabric.clone();
     std::thread::spawn(move || ipoib_sim::remote::serve(&f2, &listener));
@@ -300,5 +308,38 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
         "every membership was left: {:?}",
         fabric.groups()
     );
+    fabric.flush();
+    check_capture(&pcap);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The scenario's fabric traffic decodes in tshark as IPoIB carrying ARP,
+/// IPv4 and IPv6, with no malformed packet and no expert error.
+fn check_capture(pcap: &std::path::Path) {
+    let uat = r#"uat:user_dlts:"User 0 (DLT=147)","infiniband","0","","0","""#;
+    let tshark = |extra: &[&str]| {
+        let out = Command::new("tshark")
+            .args(["-o", uat, "-r"])
+            .arg(pcap)
+            .args(extra)
+            .output()
+            .expect("tshark must be installed (cargo xtask test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let protocols = tshark(&["-q", "-z", "io,phs"]);
+    for want in ["arp", "ip ", "ipv6", "icmp ", "icmpv6", "tcp", "udp"] {
+        assert!(
+            protocols.contains(want),
+            "{want:?} missing from the capture:\n{protocols}"
+        );
+    }
+    let malformed = tshark(&["-Y", "_ws.malformed", "-T", "fields", "-e", "frame.number"]);
+    assert!(malformed.trim().is_empty(), "malformed frames: {malformed}");
+    let experts = tshark(&["-q", "-z", "expert,error"]);
+    assert!(!experts.contains("Error"), "expert errors:\n{experts}");
 }
