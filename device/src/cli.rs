@@ -69,9 +69,12 @@ pub enum Command {
     /// destroy every HCA object.
     #[command(after_long_help = SIM_FAULT_HELP)]
     Run {
+        /// A TOML configuration file; flags given here override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
         /// PCI address of a card bound to vfio-pci, or `sim`.
         #[arg(long)]
-        device: String,
+        device: Option<String>,
         /// Inject a fault into the software HCA (repeatable; `--device sim` only).
         #[arg(long = "sim-fault", value_name = "FAULT")]
         sim_faults: Vec<String>,
@@ -79,9 +82,9 @@ pub enum Command {
         /// this socket (`--device sim` only).
         #[arg(long, value_name = "SOCKET")]
         fabric: Option<std::path::PathBuf>,
-        /// Name of the host interface.
-        #[arg(long, default_value = "ib0")]
-        ifname: String,
+        /// Name of the host interface (default ib0).
+        #[arg(long)]
+        ifname: Option<String>,
         /// Create the host interface in this network namespace (a name as
         /// given to `ip netns add`).
         #[arg(long, value_name = "NAME")]
@@ -89,12 +92,13 @@ pub enum Command {
         /// An address for the host interface, ADDRESS/PREFIX (repeatable).
         #[arg(long = "address", value_name = "CIDR")]
         addresses: Vec<String>,
-        /// Seconds to wait for the port to become Active at start.
-        #[arg(long, default_value_t = 10)]
-        wait_active: u64,
-        /// The control socket `ipoib-tool` talks to (created mode 0600).
-        #[arg(long, value_name = "PATH", default_value = ipoib_control::DEFAULT_SOCKET)]
-        control: std::path::PathBuf,
+        /// Seconds to wait for the port to become Active at start (default 10).
+        #[arg(long)]
+        wait_active: Option<u64>,
+        /// The control socket `ipoib-tool` talks to, created mode 0600
+        /// (default /run/ipoib-vfio.sock).
+        #[arg(long, value_name = "PATH")]
+        control: Option<std::path::PathBuf>,
         /// Numeric group ID whose members may use the control socket
         /// besides root (the socket becomes 0660).
         #[arg(long, value_name = "GID")]
@@ -168,6 +172,7 @@ pub fn main() -> ExitCode {
             probe::run(&spec, &opts)
         }
         Command::Run {
+            config,
             device,
             sim_faults,
             fabric,
@@ -178,6 +183,37 @@ pub fn main() -> ExitCode {
             control,
             control_group,
         } => {
+            let file = match config.as_deref().map(crate::config::FileConfig::load) {
+                None => crate::config::FileConfig::default(),
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    eprintln!("ipoib-vfio: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let iface = file.interface.first().cloned().unwrap_or_default();
+            let Some(device) = device.or(file.device) else {
+                eprintln!("ipoib-vfio: no device: give --device or `device` in the configuration");
+                return ExitCode::from(2);
+            };
+            let sim_faults = if sim_faults.is_empty() {
+                file.sim_faults
+            } else {
+                sim_faults
+            };
+            let fabric = fabric.or(file.fabric);
+            let addresses = if addresses.is_empty() {
+                iface.addresses
+            } else {
+                addresses
+            };
+            let ifname = ifname.or(iface.name).unwrap_or_else(|| "ib0".into());
+            let netns = netns.or(iface.netns);
+            let wait_active = wait_active.or(file.wait_active).unwrap_or(10);
+            let control = control
+                .or(file.control)
+                .unwrap_or_else(|| ipoib_control::DEFAULT_SOCKET.into());
+            let control_group = control_group.or(file.control_group);
             let spec = match DeviceSpec::parse(&device, &sim_faults, fabric.as_deref()) {
                 Ok(s) => s,
                 Err(e) => {

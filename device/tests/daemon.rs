@@ -61,6 +61,28 @@ impl Daemon {
         for a in addrs {
             cmd.args(["--address", a]);
         }
+        Daemon::launch(cmd, control, &ns.0)
+    }
+
+    /// Starts a daemon configured by a TOML file only.
+    fn start_from_file(socket: &std::path::Path, ns: &Netns, addrs: &[&str]) -> Daemon {
+        let control = socket.with_file_name(format!("{}.ctl", ns.0));
+        let file = socket.with_file_name(format!("{}.toml", ns.0));
+        let quoted: Vec<String> = addrs.iter().map(|a| format!("{a:?}")).collect();
+        let text = format!(
+            "device = \"sim\"\nfabric = {:?}\ncontrol = {:?}\n\n[[interface]]\nname = \"ib0\"\nnetns = {:?}\naddresses = [{}]\n",
+            socket.display().to_string(),
+            control.display().to_string(),
+            ns.0,
+            quoted.join(", ")
+        );
+        std::fs::write(&file, text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipoib-vfio"));
+        cmd.args(["run", "--config"]).arg(&file);
+        Daemon::launch(cmd, control, &ns.0)
+    }
+
+    fn launch(mut cmd: Command, control: std::path::PathBuf, ns: &str) -> Daemon {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -80,7 +102,7 @@ impl Daemon {
             match rx.recv_timeout(left) {
                 Ok(l) if l.contains(" up, hardware address") => break,
                 Ok(_) => {}
-                Err(_) => panic!("daemon in {} did not come up", ns.0),
+                Err(_) => panic!("daemon in {ns} did not come up"),
             }
         }
         Daemon {
@@ -274,7 +296,8 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
     }
 
     // A third host joining later is reachable.
-    let c = Daemon::start(&socket, &nc, &["10.20.0.3/24"]);
+    // (This one is configured by a file.)
+    let c = Daemon::start_from_file(&socket, &nc, &["10.20.0.3/24"]);
     assert!(ping_within(&na, "10.20.0.3", Duration::from_secs(10)));
 
     // After an SM restart (client reregister: rejoin, flush paths) traffic
