@@ -185,6 +185,7 @@ fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
         ("rx_bytes", c.rx_bytes),
         ("rx_delivered", c.rx_delivered),
         ("tx_no_buffer", c.tx_no_buffer),
+        ("tx_too_big", c.tx_too_big),
         ("tx_errors", c.tx_errors),
         ("rx_errors", c.rx_errors),
         ("sa_failures", c.sa_failures),

@@ -61,6 +61,9 @@ pub struct LinkCounters {
     pub rx_delivered: u64,
     /// Host packets dropped: no free send slot or host buffer.
     pub tx_no_buffer: u64,
+    /// Host packets dropped: larger than the IPoIB MTU (the host side's
+    /// MTU was raised past what the broadcast group allows).
+    pub tx_too_big: u64,
     /// Send completions with an error.
     pub tx_errors: u64,
     /// Receive completions with an error.
@@ -652,6 +655,19 @@ impl<T: Transport> Link<T> {
 
     fn send(&mut self, dest: Dest<AddressVector>, payload: Payload<usize>) {
         let ty = payload.ethertype();
+        let len = match &payload {
+            Payload::Host(p, _) => self.pool_len[*p].saturating_sub(VNET_HDR_LEN_MRG),
+            Payload::Control(c) => c.bytes().len(),
+        };
+        if len > self.mtu() as usize {
+            // A UD send longer than the path MTU would fail on the HCA and
+            // take the QP to the error state; Linux drops these too.
+            self.counters.tx_too_big += 1;
+            if let Payload::Host(p, _) = payload {
+                self.pool_free.push(p);
+            }
+            return;
+        }
         let av = match dest {
             Dest::Unicast { ah, qpn } => AddressVector { dqpn: qpn, ..ah },
             Dest::Multicast { ah, .. } => ah,

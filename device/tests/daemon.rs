@@ -287,6 +287,46 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
                 && g.joined
                 && !g.send_only)
     );
+    // The host side's MTU raised past the group's: the oversized packet is
+    // dropped and counted, and the interface keeps working.
+    assert!(
+        na.exec(&["ip", "link", "set", "ib0", "mtu", "4000"])
+            .status
+            .success()
+    );
+    assert!(
+        !na.exec(&[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "3000",
+            "10.20.0.2"
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        na.exec(&["ip", "link", "set", "ib0", "mtu", "2044"])
+            .status
+            .success()
+    );
+    let Reply::Stats { counters } = a.ask(Ask::Stats {
+        interface: "ib0".into(),
+    }) else {
+        panic!("stats");
+    };
+    let too_big = counters
+        .iter()
+        .find(|c| c.name == "tx_too_big")
+        .map(|c| c.value);
+    assert_eq!(too_big, Some(1), "{counters:?}");
+    assert!(ping(&na, "10.20.0.2", 1400), "still working");
+
     // A bad request changes nothing and gets a clear error.
     match a.ask(Ask::Stats {
         interface: "ib9".into(),
