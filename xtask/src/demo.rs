@@ -267,30 +267,20 @@ pub fn run(target: &Path) -> Result<(), String> {
         .find(|l| l.contains("receiver"))
         .unwrap_or("")
         .to_string();
-    show(
-        "ipoib-tool neigh ib0   (host a: its neighbour table)",
-        Command::new(&tool)
-            .arg("--control")
-            .arg(&ctl_a)
-            .args(["neigh", "ib0"]),
-        &stop,
-    )?;
-    show(
-        "ipoib-tool mcg ib0",
-        Command::new(&tool)
-            .arg("--control")
-            .arg(&ctl_a)
-            .args(["mcg", "ib0"]),
-        &stop,
-    )?;
-    show(
-        "ipoib-tool stats ib0",
-        Command::new(&tool)
-            .arg("--control")
-            .arg(&ctl_a)
-            .args(["stats", "ib0"]),
-        &stop,
-    )?;
+    for (what, note) in [
+        ("neigh", "   (host a: its neighbour table)"),
+        ("mcg", ""),
+        ("stats", ""),
+    ] {
+        show(
+            &format!("ipoib-tool {what} ib0{note}"),
+            Command::new(&tool)
+                .arg("--control")
+                .arg(&ctl_a)
+                .args([what, "ib0"]),
+            &stop,
+        )?;
+    }
     println!("==> summary");
     println!("  IPv4 ping:          {}", rtt(&ping4));
     println!("  IPv4 60000-byte:    {}", rtt(&big));
