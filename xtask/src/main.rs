@@ -232,10 +232,9 @@ fn ipoib_versus_veth() -> Result<(), String> {
 /// functions), the benchmark harness, and the rest (the software HCA, the
 /// channel to its thread, sleeping).
 fn driver_instructions_per_packet() -> Result<(), String> {
-    if !have("valgrind") || !have("callgrind_annotate") {
-        return Err(
-            "valgrind is needed for the instruction count (apt-get install valgrind)".into(),
-        );
+    ensure_packages(&[("valgrind", "valgrind")])?;
+    if !have("callgrind_annotate") {
+        return Err("callgrind_annotate (valgrind) is needed for the instruction count".into());
     }
     let out = cargo()
         .args([
