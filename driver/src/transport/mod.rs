@@ -121,6 +121,15 @@ pub enum TransportError {
         /// `bdf (driver)` of each offending function.
         others: Vec<String>,
     },
+    /// /dev/vfio/N is open in another process: only one may own a VFIO
+    /// group, so a second daemon on the same card ends here.
+    #[error(
+        "IOMMU group {group} is in use by another process (is another ipoib-vfio running on this card?)"
+    )]
+    GroupBusy {
+        /// Group number.
+        group: u32,
+    },
     /// /dev/vfio/N cannot be opened by this user.
     #[error("no permission to open {0}: run as root or give this user access to the VFIO group")]
     Permission(String),

@@ -104,19 +104,26 @@ pub fn preflight(paths: &SysPaths, bdf: &str) -> Result<u32, TransportError> {
         return Err(TransportError::GroupNotViable { group, others });
     }
     let node = paths.dev.join("vfio").join(group.to_string());
-    match fs::OpenOptions::new().read(true).write(true).open(&node) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            return Err(TransportError::Permission(node.display().to_string()));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(TransportError::NoIommu(bdf.to_string()));
-        }
-        // EBUSY and friends surface from the VFIO open itself with context.
-        Err(_) => {}
+    if let Err(e) = fs::OpenOptions::new().read(true).write(true).open(&node)
+        && let Some(err) = group_open_error(&e, &node, bdf, group)
+    {
+        return Err(err);
     }
     check_memlock(MEMLOCK_NEEDED)?;
     Ok(group)
+}
+
+/// What a failed open of the group node means for the user; `None` for
+/// errors the VFIO open itself reports later with more context.
+fn group_open_error(e: &io::Error, node: &Path, bdf: &str, group: u32) -> Option<TransportError> {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => {
+            Some(TransportError::Permission(node.display().to_string()))
+        }
+        io::ErrorKind::NotFound => Some(TransportError::NoIommu(bdf.to_string())),
+        _ if e.raw_os_error() == Some(libc::EBUSY) => Some(TransportError::GroupBusy { group }),
+        _ => None,
+    }
 }
 
 /// Fails when RLIMIT_MEMLOCK is below `needed` and the process lacks
@@ -481,6 +488,25 @@ impl Drop for VfioTransport {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn group_open_errors_name_the_cause() {
+        let node = Path::new("/dev/vfio/7");
+        let busy = io::Error::from_raw_os_error(libc::EBUSY);
+        assert!(matches!(
+            group_open_error(&busy, node, "0000:81:00.0", 7),
+            Some(TransportError::GroupBusy { group: 7 })
+        ));
+        let denied = io::Error::from_raw_os_error(libc::EACCES);
+        assert!(matches!(
+            group_open_error(&denied, node, "0000:81:00.0", 7),
+            Some(TransportError::Permission(_))
+        ));
+        let other = io::Error::from_raw_os_error(libc::EIO);
+        assert!(group_open_error(&other, node, "0000:81:00.0", 7).is_none());
+        let msg = TransportError::GroupBusy { group: 7 }.to_string();
+        assert!(msg.contains("another ipoib-vfio"), "{msg}");
+    }
 
     struct Tree {
         root: PathBuf,
