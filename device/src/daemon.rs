@@ -113,7 +113,14 @@ fn serve<T: Transport>(
     wait_for_active(&mut hca, opts.wait_active);
     // The host interface comes first: if it cannot be made, nothing on the
     // HCA was created yet beyond bring-up.
-    let offloads = TunOffloads::default();
+    // Offer the host checksum and TSO offloads when the HCA does them on
+    // UD QPs (IPoIB basic offloads), as ib_ipoib does on mlx5.
+    let hw = hca.info().ipoib_basic_offloads;
+    let offloads = TunOffloads {
+        csum: hw,
+        tso4: hw,
+        tso6: hw,
+    };
     let tun = match Tun::create(&opts.ifname, offloads) {
         Ok(t) => t,
         Err(e) => {

@@ -14,3 +14,4 @@ pub mod daemon;
 pub mod engine;
 pub mod link;
 pub mod probe;
+pub mod vnet;

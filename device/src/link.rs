@@ -22,24 +22,26 @@ use mlx5_driver::layout::wqe::{AddressVector, Grh, Sge};
 use mlx5_driver::sa::{self, Gsi, MadDest, McMemberRecord, PathRecord, join};
 use mlx5_driver::transport::tun::{Tun, VNET_HDR_LEN_MRG};
 use mlx5_driver::transport::{DmaBuffer, Transport};
-use mlx5_driver::verbs::{Cq, Qp, QpConfig};
+use mlx5_driver::verbs::{Cq, Qp, QpConfig, TxOffload};
 
 use crate::engine::addr::HwAddr;
 use crate::engine::datagram::{self, Action, Datagram, Dest, Payload, Source};
 use crate::engine::{self, mgid};
+use crate::vnet::{self, TxPlan, VnetHdr};
 
 /// GRH area + the largest IB MTU.
 const RX_BUF: usize = 40 + 4096;
 /// Receive buffers (the RQ holds 2^LOG_RQ WQEs).
 const RX_BUFS: usize = 256;
 const LOG_RQ: u8 = 8;
-/// Send slots: IPoIB header + payload.
-const TX_SLOT: usize = 4096;
+/// Send slots: IPoIB header + payload, up to a 64 KiB TSO packet.
+const TX_SLOT: usize = 64 * 1024 + 512;
 const TX_SLOTS: usize = 128;
 const LOG_SQ: u8 = 7;
-/// Host packet buffers: virtio-net header + one IP packet.
-const HOST_BUF: usize = VNET_HDR_LEN_MRG + 4096;
-const HOST_BUFS: usize = 512;
+/// Host packet buffers: virtio-net header + one IP packet (64 KiB with
+/// TSO).
+const HOST_BUF: usize = VNET_HDR_LEN_MRG + 64 * 1024 + 256;
+const HOST_BUFS: usize = 256;
 /// SA transactions: per-try timeout and tries.
 const SA_TIMEOUT: Duration = Duration::from_millis(300);
 const SA_TRIES: u8 = 4;
@@ -64,6 +66,13 @@ pub struct LinkCounters {
     /// Host packets dropped: larger than the IPoIB MTU (the host side's
     /// MTU was raised past what the broadcast group allows).
     pub tx_too_big: u64,
+    /// Host packets dropped: a virtio-net header asking for an offload
+    /// the interface does not do, or not matching the packet.
+    pub tx_bad_offload: u64,
+    /// TSO packets the HCA segmented.
+    pub tx_lso: u64,
+    /// Packets whose checksums the HCA computed.
+    pub tx_csum: u64,
     /// Send completions with an error.
     pub tx_errors: u64,
     /// Receive completions with an error.
@@ -98,6 +107,8 @@ pub struct Link<T: Transport> {
     gid: [u8; 16],
     pkey: u16,
     active: bool,
+    /// The QP does IPoIB stateless offloads (checksums, LSO).
+    offload: bool,
     next_start: Instant,
     /// The last turn moved packets: do not sleep in the next one.
     busy: bool,
@@ -152,7 +163,7 @@ impl<T: Transport> Link<T> {
                 // copies are filtered in the engine, as Linux does.
                 block_mc_loopback: false,
                 srq: None,
-                offload: false,
+                offload: hca.info().ipoib_basic_offloads,
             },
         )?;
         qp.activate_datagram(hca)?;
@@ -163,6 +174,7 @@ impl<T: Transport> Link<T> {
 
     fn assemble(hca: Hca<T>, parts: (Gsi, Cq, Cq, Qp, DmaBuffer, DmaBuffer)) -> Link<T> {
         let (gsi, scq, rcq, qp, rx, tx) = parts;
+        let offload = hca.info().ipoib_basic_offloads;
         let port = hca.info().ports.first().cloned();
         let gid = port.as_ref().map_or([0; 16], |p| p.gid);
         let hw = HwAddr::new(HwAddr::FLAG_RC, qp.qpn(), gid);
@@ -198,6 +210,7 @@ impl<T: Transport> Link<T> {
             gid,
             pkey,
             active: false,
+            offload,
             next_start: Instant::now(),
             busy: false,
             armed: false,
@@ -242,6 +255,12 @@ impl<T: Transport> Link<T> {
         self.bcast
             .and_then(|b| Datagram::<AddressVector, usize>::mtu_for(b.mtu))
             .unwrap_or(2044)
+    }
+
+    /// Whether checksums and TSO are offloaded to the HCA (offer them to
+    /// the host).
+    pub fn offloads(&self) -> bool {
+        self.offload
     }
 
     /// The port's LID.
@@ -655,17 +674,39 @@ impl<T: Transport> Link<T> {
 
     fn send(&mut self, dest: Dest<AddressVector>, payload: Payload<usize>) {
         let ty = payload.ethertype();
-        let len = match &payload {
-            Payload::Host(p, _) => self.pool_len[*p].saturating_sub(VNET_HDR_LEN_MRG),
-            Payload::Control(c) => c.bytes().len(),
+        let (plan, len) = match &payload {
+            Payload::Host(p, _) => {
+                let n = self.pool_len[*p];
+                let hdr = VnetHdr::parse(&self.pool[*p][..n]).unwrap_or_default();
+                let plan = vnet::plan(&hdr, &self.pool[*p][VNET_HDR_LEN_MRG..n]);
+                (plan, n.saturating_sub(VNET_HDR_LEN_MRG))
+            }
+            Payload::Control(c) => (Ok(TxPlan::Plain), c.bytes().len()),
         };
-        if len > self.mtu() as usize {
+        let release = |link: &mut Self, payload: Payload<usize>| {
+            if let Payload::Host(p, _) = payload {
+                link.pool_free.push(p);
+            }
+        };
+        let plan = match plan {
+            Ok(TxPlan::Plain) => TxPlan::Plain,
+            Ok(p) if self.offload => p,
+            // Offloads asked for but not offered to the host: refuse.
+            Ok(_) | Err(_) => {
+                self.counters.tx_bad_offload += 1;
+                release(self, payload);
+                return;
+            }
+        };
+        let wire_max = match plan {
+            TxPlan::Lso { mss, headers, .. } => headers + usize::from(mss),
+            _ => len,
+        };
+        if wire_max > self.mtu() as usize {
             // A UD send longer than the path MTU would fail on the HCA and
             // take the QP to the error state; Linux drops these too.
             self.counters.tx_too_big += 1;
-            if let Payload::Host(p, _) = payload {
-                self.pool_free.push(p);
-            }
+            release(self, payload);
             return;
         }
         let av = match dest {
@@ -677,9 +718,7 @@ impl<T: Transport> Link<T> {
         }
         let Some(slot) = self.tx_free.pop() else {
             self.counters.tx_no_buffer += 1;
-            if let Payload::Host(p, _) = payload {
-                self.pool_free.push(p);
-            }
+            release(self, payload);
             return;
         };
         let mut hdr = [0u8; engine::IPOIB_HEADER_LEN];
@@ -688,33 +727,77 @@ impl<T: Transport> Link<T> {
             return;
         };
         let base = slot * TX_SLOT;
-        tx.write(base, &hdr);
-        let body_len = match &payload {
-            Payload::Host(p, _) => {
-                let n = self.pool_len[*p].min(VNET_HDR_LEN_MRG + TX_SLOT - hdr.len());
-                let body = &self.pool[*p][VNET_HDR_LEN_MRG..n];
+        let lkey = self.hca.lkey();
+        let mut inline = [0u8; vnet::MAX_LSO_HEADERS];
+        let (sge, off) = match (&payload, plan) {
+            (Payload::Host(p, _), TxPlan::Lso { mss, headers, v4 }) => {
+                // The headers go inline in the WQE; the gather list holds
+                // the TCP payload only.
+                let pkt = &self.pool[*p][VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + len];
+                inline[..hdr.len()].copy_from_slice(&hdr);
+                inline[hdr.len()..hdr.len() + headers].copy_from_slice(&pkt[..headers]);
+                let data = &pkt[headers..len.min(headers + TX_SLOT)];
+                tx.write(base, data);
+                let off = TxOffload {
+                    l3_csum: v4,
+                    l4_csum: true,
+                    lso: Some((mss, &inline[..hdr.len() + headers])),
+                };
+                self.counters.tx_lso += 1;
+                (
+                    Sge {
+                        addr: tx.iova_at(base).0,
+                        len: data.len() as u32,
+                        lkey,
+                    },
+                    off,
+                )
+            }
+            (payload, plan) => {
+                tx.write(base, &hdr);
+                let body: &[u8] = match payload {
+                    Payload::Host(p, _) => {
+                        &self.pool[*p]
+                            [VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + len.min(TX_SLOT - hdr.len())]
+                    }
+                    Payload::Control(c) => c.bytes(),
+                };
                 tx.write(base + hdr.len(), body);
-                body.len()
+                let off = match plan {
+                    TxPlan::Checksum { l3 } => {
+                        self.counters.tx_csum += 1;
+                        TxOffload {
+                            l3_csum: l3,
+                            l4_csum: true,
+                            lso: None,
+                        }
+                    }
+                    _ => TxOffload::default(),
+                };
+                (
+                    Sge {
+                        addr: tx.iova_at(base).0,
+                        len: (hdr.len() + body.len()) as u32,
+                        lkey,
+                    },
+                    off,
+                )
             }
-            Payload::Control(c) => {
-                tx.write(base + hdr.len(), c.bytes());
-                c.bytes().len()
-            }
+        };
+        let posted = if off == TxOffload::default() {
+            qp.post_send_ud(&av, &[sge], true)
+        } else {
+            qp.post_send_ud_offload(&av, &[sge], true, &off)
         };
         if let Payload::Host(p, _) = payload {
             self.pool_free.push(p);
         }
-        let sge = Sge {
-            addr: tx.iova_at(base).0,
-            len: (hdr.len() + body_len) as u32,
-            lkey: self.hca.lkey(),
-        };
-        match qp.post_send_ud(&av, &[sge], true) {
+        match posted {
             Ok(_) => {
                 qp.ring_sq(self.hca.transport());
                 self.tx_inflight.push_back(slot);
                 self.counters.tx_packets += 1;
-                self.counters.tx_bytes += sge.len as u64;
+                self.counters.tx_bytes += len as u64 + hdr.len() as u64;
             }
             Err(_) => {
                 self.tx_free.push(slot);
