@@ -7,6 +7,9 @@
 //! another version with a clear error rather than guessing. Requests are
 //! at most [`MAX_REQUEST`] bytes.
 
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;

@@ -258,7 +258,10 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
     };
     assert!(get("tx_packets") > 1000, "iperf3 went out: {counters:?}");
     assert!(get("rx_delivered") > 100);
-    assert!(get("tx_lso") > 0, "TCP went out as TSO segments cut by the HCA");
+    assert!(
+        get("tx_lso") > 0,
+        "TCP went out as TSO segments cut by the HCA"
+    );
     assert_eq!(get("tx_bad_offload"), 0);
     assert_eq!(get("tx_errors") + get("rx_errors"), 0);
     let Reply::Neigh { neighbours } = a.ask(Ask::Neigh {

@@ -12,6 +12,9 @@
 //! A [`Netlink`] speaks to the network namespace of the thread that
 //! created it.
 
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
