@@ -197,7 +197,8 @@ fn serve_link<T: Transport>(
             link.arm();
             // Timers (ARP retries, joins, ageing) are coarse: 20 ms is
             // plenty. EINTR (a signal) just ends the wait.
-            let _ = epoll.wait(20, &mut ready);
+            let ms = if link.sa_pending() { 1 } else { 20 };
+            let _ = epoll.wait(ms, &mut ready);
         }
         control.serve(&name, link);
         match link.poll(tun, Duration::ZERO) {

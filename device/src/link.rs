@@ -7,7 +7,7 @@
 //! that TUN reads land in. Packets are named by pool index while they wait
 //! in the engine's queues, so the data path does not allocate.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use mlx5_driver::layout::cqe::Cqe;
 use mlx5_driver::layout::eqe::PortChange;
 use mlx5_driver::layout::smp::PortState;
 use mlx5_driver::layout::wqe::{AddressVector, Grh, Sge};
-use mlx5_driver::sa::{self, Gsi, MadDest, McMemberRecord, PathRecord, join};
+use mlx5_driver::sa::{self, Gsi, MadDest, MadHeader, McMemberRecord, PathRecord, join};
 use mlx5_driver::transport::tun::{Tun, VNET_HDR_LEN_MRG};
 use mlx5_driver::transport::{DmaBuffer, Transport};
 use mlx5_driver::verbs::{Cq, Qp, QpConfig, TxOffload};
@@ -42,8 +42,9 @@ const LOG_SQ: u8 = 7;
 /// TSO).
 const HOST_BUF: usize = VNET_HDR_LEN_MRG + 64 * 1024 + 256;
 const HOST_BUFS: usize = 256;
-/// SA transactions: per-try timeout and tries.
-const SA_TIMEOUT: Duration = Duration::from_millis(300);
+/// SA transactions: per-try timeout and tries (together under the
+/// engine's 1 s path-resolution limit).
+const SA_TIMEOUT: Duration = Duration::from_millis(200);
 const SA_TRIES: u8 = 4;
 /// The Q_Key the QP has until the broadcast group's replaces it.
 const QKEY_DEFAULT: u32 = 0x0B1B;
@@ -81,6 +82,17 @@ pub struct LinkCounters {
     pub sa_failures: u64,
 }
 
+/// An SA transaction in flight.
+#[derive(Debug, Clone, Copy)]
+enum SaOp {
+    Path([u8; 16]),
+    Join {
+        mgid: [u8; 16],
+        send_only: bool,
+        state: u8,
+    },
+}
+
 /// A datagram-mode IPoIB interface; see the module documentation.
 #[derive(Debug)]
 pub struct Link<T: Transport> {
@@ -100,6 +112,9 @@ pub struct Link<T: Transport> {
     engine: Datagram<AddressVector, usize>,
     out: Vec<Action<AddressVector, usize>>,
     bcast: Option<McMemberRecord>,
+    /// SA transactions in flight, by TID: the event loop never waits for
+    /// the SA.
+    sa_pending: HashMap<u64, SaOp>,
     attached: Vec<[u8; 16]>,
     joined: Vec<([u8; 16], u8)>,
     lid: u16,
@@ -203,6 +218,7 @@ impl<T: Transport> Link<T> {
             engine,
             out: Vec::with_capacity(64),
             bcast: None,
+            sa_pending: HashMap::new(),
             attached: Vec::new(),
             joined: Vec::new(),
             lid: port.as_ref().map_or(0, |p| p.lid),
@@ -341,6 +357,7 @@ impl<T: Transport> Link<T> {
             }
         }
         self.reap_sends();
+        self.serve_sa();
         let moved = self.receive(tun) + self.read_host(tun);
         self.busy = moved > 0;
         self.engine.poll(Instant::now(), &mut self.out);
@@ -419,6 +436,8 @@ impl<T: Transport> Link<T> {
         // them (down); nothing to leave.
         self.joined.clear();
         self.bcast = None;
+        // Answers to requests made before the flush no longer apply.
+        self.sa_pending.clear();
     }
 
     fn reap_sends(&mut self) {
@@ -608,22 +627,11 @@ impl<T: Transport> Link<T> {
         }
     }
 
-    fn query_path(&mut self, dgid: [u8; 16], now: Instant) {
+    fn query_path(&mut self, dgid: [u8; 16], _now: Instant) {
         let tclass = self.bcast.map_or(0, |b| b.tclass);
         let req = sa::path_query(self.gid, dgid, self.pkey, tclass);
-        match self.sa(req) {
-            Some(resp) => {
-                let p = PathRecord::parse(&resp[sa::SA_DATA..]);
-                let av = AddressVector {
-                    dqpn: 0,
-                    qkey: self.bcast.map_or(QKEY_DEFAULT, |b| b.qkey),
-                    dlid: p.dlid,
-                    sl: p.sl,
-                    ..AddressVector::default()
-                };
-                self.engine.path_resolved(dgid, av, now, &mut self.out);
-            }
-            None => self.engine.path_failed(dgid, &mut self.out),
+        if !self.sa_start(req, SaOp::Path(dgid)) {
+            self.engine.path_failed(dgid, &mut self.out);
         }
     }
 
@@ -635,41 +643,137 @@ impl<T: Transport> Link<T> {
         };
         let params = self.bcast;
         let req = sa::mc_join(g, self.gid, self.pkey, state, params.as_ref());
-        let Some(resp) = self.sa(req) else {
+        let op = SaOp::Join {
+            mgid: g,
+            send_only,
+            state,
+        };
+        if !self.sa_start(req, op) {
             self.engine.join_failed(g, now, &mut self.out);
+        }
+    }
+
+    /// Sends an SA request without waiting; the answer comes through
+    /// [`Link::serve_sa`].
+    fn sa_start(&mut self, mad: [u8; 256], op: SaOp) -> bool {
+        let d = MadDest {
+            dlid: self.sm_lid,
+            dqpn: 1,
+            sl: 0,
+        };
+        let Some(gsi) = self.gsi.as_mut() else {
+            return false;
+        };
+        match gsi.start(
+            self.hca.transport(),
+            Instant::now(),
+            mad,
+            d,
+            SA_TIMEOUT,
+            SA_TRIES,
+        ) {
+            Ok(tid) => {
+                self.sa_pending.insert(tid, op);
+                true
+            }
+            Err(e) => {
+                tracing::info!("sending an SA request failed: {e:?}");
+                self.counters.sa_failures += 1;
+                false
+            }
+        }
+    }
+
+    /// Whether SA answers are awaited (the caller should wake up soon: the
+    /// GSI completion queues are polled, not armed).
+    pub fn sa_pending(&self) -> bool {
+        !self.sa_pending.is_empty()
+    }
+
+    /// Collects SA answers and time-outs and hands them to the engine.
+    fn serve_sa(&mut self) {
+        if self.sa_pending.is_empty() {
             return;
-        };
-        let rec = McMemberRecord::parse(&resp[sa::SA_DATA..]);
-        self.joined.push((g, state));
-        if g == self.engine.broadcast_mgid() {
-            if let Some(qp) = self.qp.as_mut()
-                && let Err(e) = qp.set_qkey(&mut self.hca, rec.qkey)
-            {
-                tracing::warn!("setting the broadcast Q_Key: {e}");
-            }
-            self.bcast = Some(rec);
         }
-        if !send_only && let Some(qp) = self.qp.as_ref() {
-            match qp.attach(&mut self.hca, g) {
-                Ok(()) => self.attached.push(g),
-                Err(e) => tracing::warn!("attaching to a multicast group: {e}"),
+        let now = Instant::now();
+        let Some(gsi) = self.gsi.as_mut() else { return };
+        let ev = gsi.process(self.hca.transport(), now);
+        for (tid, mad) in ev.responses {
+            let Some(op) = self.sa_pending.remove(&tid) else {
+                continue; // flushed since
+            };
+            if MadHeader::parse(&mad).status == 0 {
+                self.sa_succeeded(op, &mad, now);
+            } else {
+                self.sa_failed(op, now);
             }
         }
-        let av = AddressVector {
-            dqpn: 0xFF_FFFF,
-            qkey: rec.qkey,
-            dlid: rec.mlid,
-            sl: rec.sl,
-            grh: Some(Grh {
-                dgid: g,
-                hop_limit: rec.hop_limit,
-                tclass: rec.tclass,
-                flow_label: rec.flow_label,
-                sgid_index: 0,
-            }),
-            ..AddressVector::default()
-        };
-        self.engine.joined(g, av, &mut self.out);
+        for tid in ev.timeouts {
+            if let Some(op) = self.sa_pending.remove(&tid) {
+                self.sa_failed(op, now);
+            }
+        }
+    }
+
+    fn sa_failed(&mut self, op: SaOp, now: Instant) {
+        self.counters.sa_failures += 1;
+        match op {
+            SaOp::Path(dgid) => self.engine.path_failed(dgid, &mut self.out),
+            SaOp::Join { mgid, .. } => self.engine.join_failed(mgid, now, &mut self.out),
+        }
+    }
+
+    fn sa_succeeded(&mut self, op: SaOp, mad: &[u8; 256], now: Instant) {
+        match op {
+            SaOp::Path(dgid) => {
+                let p = PathRecord::parse(&mad[sa::SA_DATA..]);
+                let av = AddressVector {
+                    dqpn: 0,
+                    qkey: self.bcast.map_or(QKEY_DEFAULT, |b| b.qkey),
+                    dlid: p.dlid,
+                    sl: p.sl,
+                    ..AddressVector::default()
+                };
+                self.engine.path_resolved(dgid, av, now, &mut self.out);
+            }
+            SaOp::Join {
+                mgid: g,
+                send_only,
+                state,
+            } => {
+                let rec = McMemberRecord::parse(&mad[sa::SA_DATA..]);
+                self.joined.push((g, state));
+                if g == self.engine.broadcast_mgid() {
+                    if let Some(qp) = self.qp.as_mut()
+                        && let Err(e) = qp.set_qkey(&mut self.hca, rec.qkey)
+                    {
+                        tracing::warn!("setting the broadcast Q_Key: {e}");
+                    }
+                    self.bcast = Some(rec);
+                }
+                if !send_only && let Some(qp) = self.qp.as_ref() {
+                    match qp.attach(&mut self.hca, g) {
+                        Ok(()) => self.attached.push(g),
+                        Err(e) => tracing::warn!("attaching to a multicast group: {e}"),
+                    }
+                }
+                let av = AddressVector {
+                    dqpn: 0xFF_FFFF,
+                    qkey: rec.qkey,
+                    dlid: rec.mlid,
+                    sl: rec.sl,
+                    grh: Some(Grh {
+                        dgid: g,
+                        hop_limit: rec.hop_limit,
+                        tclass: rec.tclass,
+                        flow_label: rec.flow_label,
+                        sgid_index: 0,
+                    }),
+                    ..AddressVector::default()
+                };
+                self.engine.joined(g, av, &mut self.out);
+            }
+        }
     }
 
     fn send(&mut self, dest: Dest<AddressVector>, payload: Payload<usize>) {
