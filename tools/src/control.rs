@@ -93,3 +93,75 @@ pub fn render(reply: &Reply) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipoib_control::{Counter, Group, Interface, Neighbour};
+
+    #[test]
+    fn show_reads_like_ip_link() {
+        let r = Reply::Interfaces {
+            interfaces: vec![Interface {
+                name: "ib0".into(),
+                mode: "datagram".into(),
+                mtu: 2044,
+                pkey: 0xffff,
+                parent: None,
+                port: 1,
+                state: "up".into(),
+                lid: 2,
+                gid: "fe80:0000:0000:0000:0002:c903:0000:0a01".into(),
+                hw_addr: "80:00:01:01:fe:80:00:00:00:00:00:00:00:02:c9:03:00:00:0a:01".into(),
+                qpn: 0x101,
+            }],
+        };
+        assert_eq!(
+            render(&r),
+            "ib0: mode datagram mtu 2044 pkey 0xffff port 1 state UP\n    \
+             lid 0x2 gid fe80:0000:0000:0000:0002:c903:0000:0a01\n    \
+             link/infiniband 80:00:01:01:fe:80:00:00:00:00:00:00:00:02:c9:03:00:00:0a:01 qpn 0x000101\n"
+        );
+    }
+
+    #[test]
+    fn tables() {
+        let stats = Reply::Stats {
+            counters: vec![
+                Counter {
+                    name: "tx_packets".into(),
+                    value: 7,
+                },
+                Counter {
+                    name: "drop_flushed".into(),
+                    value: 0,
+                },
+            ],
+        };
+        assert_eq!(
+            render(&stats),
+            "     tx_packets  : 7\n     drop_flushed: 0\n"
+        );
+        let neigh = Reply::Neigh {
+            neighbours: vec![Neighbour {
+                ip: "10.0.0.2".into(),
+                hw_addr: None,
+                age_ms: 5,
+                queued: 2,
+                valid: false,
+            }],
+        };
+        assert!(render(&neigh).contains("(resolving) age 5 ms queued 2"));
+        let mcg = Reply::Mcg {
+            groups: vec![Group {
+                mgid: "ff12:401b:ffff:0000:0000:0000:ffff:ffff".into(),
+                joined: true,
+                send_only: false,
+            }],
+        };
+        assert_eq!(
+            render(&mcg),
+            "GID: ff12:401b:ffff:0000:0000:0000:ffff:ffff\n  joined: 1  send-only: 0\n"
+        );
+    }
+}
