@@ -29,6 +29,9 @@ pub const MCAST_QUEUE_LIMIT: usize = 64;
 pub const JOIN_BACKOFF_START: Duration = Duration::from_secs(1);
 /// Longest join retry delay (`IPOIB_MAX_BACKOFF_SECONDS`).
 pub const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(16);
+/// Most multicast groups one interface holds; past it, sends to new
+/// groups are dropped (counted) instead of joining.
+pub const MAX_GROUPS: usize = 512;
 /// Length of an IPv6 header.
 const IPV6_HEADER: usize = 40;
 
@@ -517,6 +520,10 @@ impl<A: Copy, P> Datagram<A, P> {
 
     fn send_multicast(&mut self, g: Gid, payload: Payload<P>, out: &mut Vec<Action<A, P>>) {
         if !self.groups.contains_key(&g) {
+            if self.groups.len() >= MAX_GROUPS {
+                self.drop_payload(payload, Drop::McastNotJoined, out);
+                return;
+            }
             self.want_group(g, true, out);
         }
         match self.groups.get_mut(&g) {
@@ -1234,6 +1241,24 @@ mod tests {
         a.join_failed(g, now, &mut out);
         assert_eq!(out, [Action::Dropped(Some("m"), Drop::McastNotJoined)]);
         assert!(a.groups().iter().all(|(m, ..)| *m != g));
+    }
+
+    #[test]
+    fn send_only_groups_are_bounded() {
+        let t = Instant::now();
+        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
+        up(&mut a, 2);
+        let mut out = Out::new();
+        let mut n = 0u32;
+        while a.groups().len() < MAX_GROUPS {
+            let g = (0xef00_0000u32 + n).to_be_bytes();
+            a.transmit(&ipv4_packet(g), "m", t, &mut out);
+            n += 1;
+        }
+        out.clear();
+        a.transmit(&ipv4_packet([239, 255, 255, 254]), "over", t, &mut out);
+        assert_eq!(out, [Action::Dropped(Some("over"), Drop::McastNotJoined)]);
+        assert_eq!(a.groups().len(), MAX_GROUPS);
     }
 
     #[test]

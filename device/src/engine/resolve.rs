@@ -31,6 +31,10 @@ pub struct Config {
     /// A resolved entry unused this long is removed; `None` keeps it until
     /// flushed.
     pub idle_timeout: Option<Duration>,
+    /// Most entries held (the kernel's `gc_thresh3`); past it, new keys
+    /// are refused until ageing or a flush makes room, so a peer cannot
+    /// grow the table without bound.
+    pub max_entries: usize,
 }
 
 impl Config {
@@ -42,6 +46,7 @@ impl Config {
         attempts: 3,
         retry_interval: Duration::from_secs(1),
         idle_timeout: Some(Duration::from_secs(60)),
+        max_entries: 1024,
     };
 
     /// The path table: one PathRecord query (the MAD layer retries it),
@@ -51,6 +56,7 @@ impl Config {
         attempts: 1,
         retry_interval: Duration::from_secs(1),
         idle_timeout: None,
+        max_entries: 1024,
     };
 }
 
@@ -184,7 +190,7 @@ impl<K: Eq + Hash + Copy, V: Copy, P> Cache<K, V, P> {
                 }
             }
             None => {
-                if limit == 0 {
+                if limit == 0 || self.entries.len() >= self.cfg.max_entries {
                     return Lookup::QueueFull(packet);
                 }
                 let mut queue = VecDeque::with_capacity(limit);
@@ -206,6 +212,9 @@ impl<K: Eq + Hash + Copy, V: Copy, P> Cache<K, V, P> {
     /// resolved and valid, and the packets queued for it are returned to be
     /// sent with `value`, oldest first.
     pub fn resolve(&mut self, key: K, value: V, now: Instant) -> VecDeque<P> {
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.cfg.max_entries {
+            return VecDeque::new();
+        }
         let old = self.entries.insert(
             key,
             State::Resolved {
@@ -225,7 +234,8 @@ impl<K: Eq + Hash + Copy, V: Copy, P> Cache<K, V, P> {
     /// or NS, as the host stack does): updates an entry that exists,
     /// resolving a pending one, but only creates one when `create`.
     pub fn learn(&mut self, key: K, value: V, now: Instant, create: bool) -> VecDeque<P> {
-        if create || self.entries.contains_key(&key) {
+        let known = self.entries.contains_key(&key);
+        if known || (create && self.entries.len() < self.cfg.max_entries) {
             self.resolve(key, value, now)
         } else {
             VecDeque::new()
@@ -463,6 +473,29 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut c = Neigh::new(Config {
+            max_entries: 2,
+            ..Config::NEIGHBOURS
+        });
+        c.learn(1, 'a', t0, true);
+        c.learn(2, 'b', t0, true);
+        c.learn(3, 'c', t0, true);
+        assert_eq!(c.len(), 2, "a third key is refused");
+        assert_eq!(c.lookup(4, "p", t0), Lookup::QueueFull("p"));
+        assert!(c.resolve(5, 'e', t0).is_empty());
+        assert_eq!(c.peek(&5), None);
+        // Known keys still update, and ageing makes room.
+        c.learn(1, 'z', t0, true);
+        assert_eq!(c.peek(&1), Some('z'));
+        let mut ev = Vec::new();
+        c.poll(t0 + Duration::from_secs(60), &mut ev);
+        assert_eq!(c.len(), 0);
+        assert_eq!(c.lookup(4, "p", t0), Lookup::Queued { start: true });
     }
 
     #[test]
