@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ipoib_sim::fabric::LinkFaults;
@@ -440,19 +439,7 @@ fn capture_decodes_in_tshark() {
     let captured = fabric.stats().captured;
     assert!(captured >= 6, "{captured} packets captured");
 
-    let uat = r#"uat:user_dlts:"User 0 (DLT=147)","infiniband","0","","0","""#;
-    let out = Command::new("tshark")
-        .args(["-o", uat, "-r"])
-        .arg(&path)
-        .args(["-V"])
-        .output()
-        .expect("tshark must be installed (cargo xtask test installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = ipoib_sim::pcap::tshark(&path, &["-V"]).unwrap();
     assert!(!text.contains("Malformed"), "malformed packet:\n{text}");
     assert!(text.contains("Local Route Header"));
     assert!(text.contains("Base Transport Header"));
@@ -468,21 +455,9 @@ fn capture_decodes_in_tshark() {
     assert!(text.contains("SubnAdm"), "SA MADs decoded:\n{text}");
     assert!(text.contains("MCMemberRecord"), "MCMemberRecord decoded");
     assert!(text.contains("PathRecord"), "PathRecord decoded");
-    let experts = Command::new("tshark")
-        .args(["-o", uat, "-r"])
-        .arg(&path)
-        .args(["-q", "-z", "expert,error"])
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&experts.stdout);
+    let e = ipoib_sim::pcap::tshark(&path, &["-q", "-z", "expert,error"]).unwrap();
     assert!(!e.contains("Error"), "expert errors:\n{e}");
-    let frames = Command::new("tshark")
-        .args(["-o", uat, "-r"])
-        .arg(&path)
-        .args(["-T", "fields", "-e", "frame.protocols"])
-        .output()
-        .unwrap();
-    let f = String::from_utf8_lossy(&frames.stdout);
+    let f = ipoib_sim::pcap::tshark(&path, &["-T", "fields", "-e", "frame.protocols"]).unwrap();
     assert_eq!(f.lines().count() as u64, captured);
     assert!(f.lines().all(|l| l.contains("infiniband")), "{f}");
     for n in [a, b] {

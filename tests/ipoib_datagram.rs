@@ -343,21 +343,7 @@ fn arp_nd_unicast_and_multicast_between_two_hosts() {
 /// (neighbour discovery included), with no malformed packets or expert
 /// errors.
 fn check_capture(pcap: &std::path::Path) {
-    let uat = r#"uat:user_dlts:"User 0 (DLT=147)","infiniband","0","","0","""#;
-    let run = |extra: &[&str]| {
-        let out = std::process::Command::new("tshark")
-            .args(["-o", uat, "-r"])
-            .arg(pcap)
-            .args(extra)
-            .output()
-            .expect("tshark must be installed (cargo xtask test installs it)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |extra: &[&str]| ipoib_sim::pcap::tshark(pcap, extra).unwrap();
     let text = run(&["-V"]);
     assert!(!text.contains("Malformed"), "malformed packet:\n{text}");
     for want in [

@@ -384,21 +384,7 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
 /// The scenario's fabric traffic decodes in tshark as IPoIB carrying ARP,
 /// IPv4 and IPv6, with no malformed packet and no expert error.
 fn check_capture(pcap: &std::path::Path) {
-    let uat = r#"uat:user_dlts:"User 0 (DLT=147)","infiniband","0","","0","""#;
-    let tshark = |extra: &[&str]| {
-        let out = Command::new("tshark")
-            .args(["-o", uat, "-r"])
-            .arg(pcap)
-            .args(extra)
-            .output()
-            .expect("tshark must be installed (cargo xtask test installs it)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let tshark = |extra: &[&str]| ipoib_sim::pcap::tshark(pcap, extra).unwrap();
     let protocols = tshark(&["-q", "-z", "io,phs"]);
     for want in ["arp", "ip ", "ipv6", "icmp ", "icmpv6", "tcp", "udp"] {
         assert!(

@@ -22,7 +22,7 @@ pub mod fw;
 mod hca;
 pub mod iommu;
 pub mod offload;
-mod pcap;
+pub mod pcap;
 pub mod port;
 pub mod queues;
 pub mod rc;

@@ -12,6 +12,26 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// DLT_USER0.
 pub const LINKTYPE_USER0: u32 = 147;
 
+/// The tshark preference that decodes [`LINKTYPE_USER0`] as InfiniBand.
+pub const TSHARK_INFINIBAND_DLT: &str =
+    r#"uat:user_dlts:"User 0 (DLT=147)","infiniband","0","","0","""#;
+
+/// Runs `tshark -r CAPTURE ARGS…` with the InfiniBand decoding set and
+/// returns what it printed. For tests and tools: an error says what to
+/// install or what tshark complained about.
+pub fn tshark(capture: &Path, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("tshark")
+        .args(["-o", TSHARK_INFINIBAND_DLT, "-r"])
+        .arg(capture)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run tshark ({e}); cargo xtask test installs it"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// An open capture file.
 #[derive(Debug)]
 pub struct PcapWriter {
