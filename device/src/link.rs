@@ -111,6 +111,7 @@ pub struct Link<T: Transport> {
     pool_free: Vec<usize>,
     engine: Datagram<AddressVector, usize>,
     out: Vec<Action<AddressVector, usize>>,
+    spare: Vec<Action<AddressVector, usize>>,
     bcast: Option<McMemberRecord>,
     /// SA transactions in flight, by TID: the event loop never waits for
     /// the SA.
@@ -125,6 +126,7 @@ pub struct Link<T: Transport> {
     /// The QP does IPoIB stateless offloads (checksums, LSO).
     offload: bool,
     next_start: Instant,
+    next_timers: Instant,
     /// The last turn moved packets: do not sleep in the next one.
     busy: bool,
     /// The completion queues are armed for an event.
@@ -217,6 +219,7 @@ impl<T: Transport> Link<T> {
             pool_free: (0..HOST_BUFS).rev().collect(),
             engine,
             out: Vec::with_capacity(64),
+            spare: Vec::with_capacity(64),
             bcast: None,
             sa_pending: HashMap::new(),
             attached: Vec::new(),
@@ -228,6 +231,7 @@ impl<T: Transport> Link<T> {
             active: false,
             offload,
             next_start: Instant::now(),
+            next_timers: Instant::now(),
             busy: false,
             armed: false,
             counters: LinkCounters::default(),
@@ -360,7 +364,12 @@ impl<T: Transport> Link<T> {
         self.serve_sa();
         let moved = self.receive(tun) + self.read_host(tun);
         self.busy = moved > 0;
-        self.engine.poll(Instant::now(), &mut self.out);
+        let now = Instant::now();
+        if now >= self.next_timers {
+            // The engine's timers are in seconds; ten runs a second is plenty.
+            self.next_timers = now + Duration::from_millis(100);
+            self.engine.poll(now, &mut self.out);
+        }
         self.run_actions(Some(tun));
         Ok(before != self.carrier())
     }
@@ -601,9 +610,12 @@ impl<T: Transport> Link<T> {
 
     fn run_actions(&mut self, tun: Option<&Tun>) {
         let now = Instant::now();
+        // Actions may produce more actions: work on a second buffer so both
+        // keep their capacity (no allocation per turn).
+        let mut actions = std::mem::take(&mut self.spare);
         while !self.out.is_empty() {
-            let actions: Vec<_> = self.out.drain(..).collect();
-            for a in actions {
+            std::mem::swap(&mut actions, &mut self.out);
+            for a in actions.drain(..) {
                 match a {
                     Action::Send { dest, payload } => self.send(dest, payload),
                     Action::Deliver(slot) => {
@@ -625,6 +637,7 @@ impl<T: Transport> Link<T> {
                 }
             }
         }
+        self.spare = actions;
     }
 
     fn query_path(&mut self, dgid: [u8; 16], _now: Instant) {
