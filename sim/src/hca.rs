@@ -338,7 +338,7 @@ impl SimHca {
         let mut stream = std::os::unix::net::UnixStream::connect(path)?;
         let guid = self.shared.cfg.node_guid.wrapping_add(1);
         write_frame(&mut stream, kind::HELLO, &guid.to_be_bytes())?;
-        let mut reader = stream.try_clone()?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 18, stream.try_clone()?);
         let tx = lock(&self.tx).clone();
         std::thread::Builder::new()
             .name("sim-hca-link".into())

@@ -130,7 +130,7 @@ pub fn serve(fabric: &Fabric, listener: &UnixListener) -> io::Result<()> {
 }
 
 fn serve_port(fabric: &Fabric, stream: UnixStream) -> io::Result<()> {
-    let mut reader = stream.try_clone()?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 18, stream.try_clone()?);
     let writer: SharedStream = Arc::new(Mutex::new(stream));
     let mut buf = Vec::new();
     if !read_frame(&mut reader, &mut buf)? {
