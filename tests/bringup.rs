@@ -82,6 +82,15 @@ fn polled_and_event_completion_both_work() {
         for _ in 0..50 {
             hca.exec(&mlx5_driver::cmd::hca::Nop).expect("NOP");
         }
+        // A fast device thread may finish a command before the driver ever
+        // sleeps; over many commands, event mode must sleep on the eventfd
+        // at least once.
+        let mut extra = 0;
+        while mode == mlx5_driver::Completion::Events && hca.stats().interrupts == 0 && extra < 2000
+        {
+            hca.exec(&mlx5_driver::cmd::hca::Nop).expect("NOP");
+            extra += 1;
+        }
         let interrupts = dev.report().interrupts;
         match mode {
             // Several completions may share one interrupt, but waiting needs them.
