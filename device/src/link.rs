@@ -348,7 +348,9 @@ impl<T: Transport> Link<T> {
     /// carrier changed.
     pub fn poll(&mut self, tun: &Tun, wait: Duration) -> Result<bool, HcaError> {
         let before = self.carrier();
-        if !self.active && self.engine.groups().is_empty() && Instant::now() >= self.next_start {
+        // While the port is not active, look at it twice a second: the
+        // Active event may have come before the EQ existed, or been missed.
+        if !self.active && Instant::now() >= self.next_start {
             self.next_start = Instant::now() + Duration::from_millis(500);
             self.start();
         }
