@@ -410,33 +410,40 @@ impl<T: Transport> Link<T> {
 
     fn port_event(&mut self, change: PortChange) {
         match change {
+            // Flush levels as Linux maps the events (ipoib.md §11.1).
             PortChange::Down => {
                 self.active = false;
-                self.heavy_flush();
+                self.flush(false);
             }
             PortChange::Active if !self.active => {
-                self.heavy_flush();
+                self.flush(false);
                 self.start();
             }
-            PortChange::ClientReregister => {
-                self.heavy_flush();
+            // Own LID changed: every address handle and membership is stale.
+            // P_Key table changed: Linux re-reads the P_Key (heavy); this
+            // interface's P_Key is fixed, so a normal flush is what remains.
+            PortChange::LidChange | PortChange::PkeyChange => {
+                self.flush(false);
                 self.start();
             }
-            PortChange::LidChange | PortChange::PkeyChange | PortChange::GuidChange => {
+            // The SM lost or changed its state: rejoin, refresh paths.
+            PortChange::ClientReregister | PortChange::GuidChange => {
                 let _ = self.hca.refresh_ports();
                 if let Some(p) = self.hca.info().ports.first() {
-                    self.lid = p.lid;
                     self.sm_lid = p.sm_lid;
                 }
-                self.engine.flush_light();
+                self.flush(true);
             }
             _ => {}
         }
     }
 
-    fn heavy_flush(&mut self) {
-        self.engine.flush_heavy(&mut self.out);
-        self.run_actions(None);
+    /// Drops memberships and attachments and flushes the engine: `light`
+    /// keeps neighbours and rejoins at once, otherwise everything goes and
+    /// `start` rejoins.
+    fn flush(&mut self, light: bool) {
+        // Answers to requests made before the flush no longer apply.
+        self.sa_pending.clear();
         let attached = std::mem::take(&mut self.attached);
         if let Some(qp) = self.qp.as_ref() {
             for g in attached {
@@ -447,8 +454,12 @@ impl<T: Transport> Link<T> {
         // them (down); nothing to leave.
         self.joined.clear();
         self.bcast = None;
-        // Answers to requests made before the flush no longer apply.
-        self.sa_pending.clear();
+        if light {
+            self.engine.flush_light(&mut self.out);
+        } else {
+            self.engine.flush_normal(&mut self.out);
+        }
+        self.run_actions(None);
     }
 
     fn reap_sends(&mut self) {

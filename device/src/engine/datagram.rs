@@ -796,43 +796,50 @@ impl<A: Copy, P> Datagram<A, P> {
         }
     }
 
-    /// Light flush (LID change, P_Key change without loss, SM change):
-    /// paths are refreshed on their next use.
-    pub fn flush_light(&mut self) {
+    /// Light flush (client reregister, SM change, GID change; ipoib.md
+    /// §11.2): paths are refreshed on their next use, neighbours stay, and
+    /// every multicast group is joined again, the broadcast group first
+    /// (the caller has dropped the old memberships and attachments).
+    pub fn flush_light(&mut self, out: &mut Vec<Action<A, P>>) {
         self.paths.invalidate_all();
+        self.reset_groups(out);
+        self.want_group(self.broadcast, false, out);
     }
 
-    /// Heavy flush (client reregister, port down/up): neighbours, paths and
+    /// Normal flush (port down/up, own LID change): neighbours, paths and
     /// memberships go; groups are joined again, broadcast first, once
     /// [`Datagram::start`] is called.
-    pub fn flush_heavy(&mut self, out: &mut Vec<Action<A, P>>) {
+    pub fn flush_normal(&mut self, out: &mut Vec<Action<A, P>>) {
         for p in self.neigh.clear() {
             self.drop_payload(p, Drop::Flushed, out);
         }
         for w in self.paths.clear() {
             self.drop_payload(w.payload, Drop::Flushed, out);
         }
+        self.reset_groups(out);
+    }
+
+    /// Every full-member group back to "to be joined" (send-only ones are
+    /// dropped: the next packet recreates them); the broadcast group is
+    /// removed so that carrier is off until it is joined again.
+    fn reset_groups(&mut self, out: &mut Vec<Action<A, P>>) {
         let groups: Vec<_> = self.groups.drain().collect();
         for (g, state) in groups {
-            match state {
+            let send_only = match state {
                 Group::Joining {
                     send_only, queue, ..
                 } => {
                     for p in queue {
                         self.drop_payload(p, Drop::Flushed, out);
                     }
-                    if !send_only {
-                        self.groups.insert(g, fresh(false));
-                    }
+                    send_only
                 }
-                Group::Joined { send_only, .. } => {
-                    if !send_only {
-                        self.groups.insert(g, fresh(false));
-                    }
-                }
+                Group::Joined { send_only, .. } => send_only,
+            };
+            if !send_only && g != self.broadcast {
+                self.groups.insert(g, fresh(false));
             }
         }
-        self.groups.remove(&self.broadcast);
     }
 
     fn drop_payload(&mut self, p: Payload<P>, why: Drop, out: &mut Vec<Action<A, P>>) {
@@ -1262,7 +1269,62 @@ mod tests {
     }
 
     #[test]
-    fn heavy_flush_rejoins_broadcast_first() {
+    fn light_flush_keeps_neighbours_and_rejoins() {
+        let t = Instant::now();
+        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
+        up(&mut a, 2);
+        let mut out = Out::new();
+        let mut reply = [0u8; ARP_LEN];
+        Arp {
+            op: Op::Reply,
+            sender_hw: HwAddr::new(0x80, 0x49, GID_B),
+            sender_ip: Ipv4Addr::new(10, 0, 0, 2),
+            target_hw: a.config().hw,
+            target_ip: Ipv4Addr::new(10, 0, 0, 1),
+        }
+        .emit(&mut reply);
+        a.transmit(&ipv4_packet([10, 0, 0, 2]), "p", t, &mut out);
+        a.receive(
+            from(3, 0x49, false),
+            ethertype::ARP,
+            &reply,
+            "rx",
+            t,
+            &mut out,
+        );
+        a.path_resolved(GID_B, 3, t, &mut out);
+        out.clear();
+
+        a.flush_light(&mut out);
+        let b = a.broadcast_mgid();
+        assert_eq!(
+            out,
+            [Action::Join {
+                mgid: b,
+                send_only: false
+            }],
+            "broadcast first"
+        );
+        assert!(!a.carrier());
+        assert_eq!(a.neighbours(t).len(), 1, "neighbours stay");
+        out.clear();
+        a.joined(b, BCAST_AH, &mut out);
+        assert!(out.len() >= 3, "then the other groups: {out:?}");
+        out.clear();
+        // The path is used but refreshed.
+        a.transmit(&ipv4_packet([10, 0, 0, 2]), "q", t, &mut out);
+        assert_eq!(out[0], Action::QueryPath(GID_B));
+        assert!(matches!(
+            out[1],
+            Action::Send {
+                dest: Dest::Unicast { ah: 3, qpn: 0x49 },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn normal_flush_rejoins_broadcast_first() {
         let t = Instant::now();
         let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
         up(&mut a, 2);
@@ -1273,7 +1335,7 @@ mod tests {
         a.transmit(&ipv4_packet([239, 9, 9, 9]), "so", t, &mut out);
         out.clear();
 
-        a.flush_heavy(&mut out);
+        a.flush_normal(&mut out);
         assert_eq!(out, [Action::Dropped(Some("so"), Drop::Flushed)]);
         assert!(!a.carrier());
         out.clear();
