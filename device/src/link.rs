@@ -195,7 +195,12 @@ impl<T: Transport> Link<T> {
         let port = hca.info().ports.first().cloned();
         let gid = port.as_ref().map_or([0; 16], |p| p.gid);
         let hw = HwAddr::new(HwAddr::FLAG_RC, qp.qpn(), gid);
-        let pkey = 0xFFFF;
+        // The parent interface takes the P_Key at index 0 (the default
+        // partition unless the SM says otherwise).
+        let pkey = port
+            .as_ref()
+            .and_then(|p| p.pkeys.iter().find(|(i, _)| *i == 0).map(|(_, k)| *k))
+            .unwrap_or(0xFFFF);
         let engine = Datagram::new(datagram::Config {
             hw,
             pkey,
