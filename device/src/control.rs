@@ -185,6 +185,7 @@ fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
         ("rx_bytes", c.rx_bytes),
         ("rx_delivered", c.rx_delivered),
         ("tx_no_buffer", c.tx_no_buffer),
+        ("rx_no_buffer", c.rx_no_buffer),
         ("tx_too_big", c.tx_too_big),
         ("tx_bad_offload", c.tx_bad_offload),
         ("tx_lso", c.tx_lso),

@@ -1,6 +1,6 @@
 //! One IPoIB interface in datagram mode on an HCA port: the engine of
 //! [`crate::engine::datagram`] wired to a UD QP, the SA client and the
-//! host's TUN device.
+//! host side ([`HostPort`]: the TUN device in the daemon).
 //!
 //! Buffers are allocated once: receive buffers of GRH + IB MTU in DMA
 //! memory, send slots in DMA memory, and a pool of host packet buffers
@@ -49,6 +49,26 @@ const SA_TRIES: u8 = 4;
 /// The Q_Key the QP has until the broadcast group's replaces it.
 const QKEY_DEFAULT: u32 = 0x0B1B;
 
+/// The host side of an interface: where packets to transmit come from and
+/// received ones go, each behind a 12-byte virtio-net header. The daemon
+/// uses a [`Tun`] device; tests can use a queue.
+pub trait HostPort {
+    /// Reads one packet; `WouldBlock` when none is waiting.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one packet.
+    fn send(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+impl HostPort for Tun {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Tun::recv(self, buf)
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        Tun::send(self, buf)
+    }
+}
+
 /// Counters of one interface (the ethtool -S view).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LinkCounters {
@@ -74,9 +94,12 @@ pub struct LinkCounters {
     pub tx_lso: u64,
     /// Packets whose checksums the HCA computed.
     pub tx_csum: u64,
+    /// Received packets dropped: no free host buffer.
+    pub rx_no_buffer: u64,
     /// Send completions with an error.
     pub tx_errors: u64,
-    /// Receive completions with an error.
+    /// Receive completions with an error, or too short for the IPoIB
+    /// header.
     pub rx_errors: u64,
     /// SA transactions that failed.
     pub sa_failures: u64,
@@ -132,7 +155,6 @@ pub struct Link<T: Transport> {
     /// The completion queues are armed for an event.
     armed: bool,
     counters: LinkCounters,
-    cqes: Vec<Cqe>,
 }
 
 /// Why the interface could not be set up.
@@ -240,7 +262,6 @@ impl<T: Transport> Link<T> {
             busy: false,
             armed: false,
             counters: LinkCounters::default(),
-            cqes: Vec::with_capacity(64),
         };
         for i in 0..RX_BUFS {
             link.post_rx(i);
@@ -351,7 +372,7 @@ impl<T: Transport> Link<T> {
     /// One turn of the event loop: HCA events (waiting up to `wait`),
     /// completions, host packets from `tun`, timers. Returns whether
     /// carrier changed.
-    pub fn poll(&mut self, tun: &Tun, wait: Duration) -> Result<bool, HcaError> {
+    pub fn poll(&mut self, host: &dyn HostPort, wait: Duration) -> Result<bool, HcaError> {
         let before = self.carrier();
         // While the port is not active, look at it twice a second: the
         // Active event may have come before the EQ existed, or been missed.
@@ -369,7 +390,7 @@ impl<T: Transport> Link<T> {
         }
         self.reap_sends();
         self.serve_sa();
-        let moved = self.receive(tun) + self.read_host(tun);
+        let moved = self.receive(host) + self.read_host(host);
         self.busy = moved > 0;
         let now = Instant::now();
         if now >= self.next_timers {
@@ -377,7 +398,7 @@ impl<T: Transport> Link<T> {
             self.next_timers = now + Duration::from_millis(100);
             self.engine.poll(now, &mut self.out);
         }
-        self.run_actions(Some(tun));
+        self.run_actions(Some(host));
         Ok(before != self.carrier())
     }
 
@@ -489,10 +510,10 @@ impl<T: Transport> Link<T> {
         }
     }
 
-    fn receive(&mut self, tun: &Tun) -> usize {
+    fn receive(&mut self, host: &dyn HostPort) -> usize {
         let mut total = 0;
         for _ in 0..8 {
-            let n = self.receive_batch(tun);
+            let n = self.receive_batch(host);
             total += n;
             if n == 0 {
                 break;
@@ -501,7 +522,7 @@ impl<T: Transport> Link<T> {
         total
     }
 
-    fn receive_batch(&mut self, tun: &Tun) -> usize {
+    fn receive_batch(&mut self, host: &dyn HostPort) -> usize {
         let Some(rcq) = self.rcq.as_mut() else {
             return 0;
         };
@@ -510,11 +531,8 @@ impl<T: Transport> Link<T> {
         if n == 0 {
             return 0;
         }
-        self.cqes.clear();
-        self.cqes.extend_from_slice(&buf[..n]);
         let now = Instant::now();
-        let cqes = std::mem::take(&mut self.cqes);
-        for c in &cqes {
+        for c in &buf[..n] {
             let Some(i) = self.rx_posted.pop_front() else {
                 break;
             };
@@ -529,8 +547,13 @@ impl<T: Transport> Link<T> {
             let len = (c.byte_cnt as usize).clamp(40, RX_BUF) - 40;
             self.counters.rx_packets += 1;
             self.counters.rx_bytes += len as u64;
+            if len < engine::IPOIB_HEADER_LEN {
+                self.counters.rx_errors += 1;
+                self.post_rx(i);
+                continue;
+            }
             let Some(slot) = self.pool_free.pop() else {
-                self.counters.tx_no_buffer += 1;
+                self.counters.rx_no_buffer += 1;
                 self.post_rx(i);
                 continue;
             };
@@ -548,10 +571,6 @@ impl<T: Transport> Link<T> {
                 );
             }
             self.post_rx(i);
-            if len < engine::IPOIB_HEADER_LEN {
-                self.pool_free.push(slot);
-                continue;
-            }
             self.pool_len[slot] = VNET_HDR_LEN_MRG + body;
             let src = Source {
                 slid: c.slid,
@@ -563,15 +582,14 @@ impl<T: Transport> Link<T> {
             self.engine
                 .receive(src, ty, bytes, slot, now, &mut self.out);
         }
-        self.cqes = cqes;
         if let Some(qp) = self.qp.as_mut() {
             qp.ring_rq();
         }
-        self.run_actions(Some(tun));
+        self.run_actions(Some(host));
         n
     }
 
-    fn read_host(&mut self, tun: &Tun) -> usize {
+    fn read_host(&mut self, host: &dyn HostPort) -> usize {
         let now = Instant::now();
         let mut read = 0;
         for _ in 0..64 {
@@ -586,7 +604,7 @@ impl<T: Transport> Link<T> {
             let Some(slot) = self.pool_free.pop() else {
                 break;
             };
-            match tun.recv(&mut self.pool[slot]) {
+            match host.recv(&mut self.pool[slot]) {
                 Ok(n) if n > VNET_HDR_LEN_MRG => {
                     read += 1;
                     self.pool_len[slot] = n;
@@ -603,7 +621,7 @@ impl<T: Transport> Link<T> {
                 }
             }
             if self.out.len() > 32 {
-                self.run_actions(Some(tun));
+                self.run_actions(Some(host));
             }
         }
         read
@@ -626,7 +644,7 @@ impl<T: Transport> Link<T> {
         }
     }
 
-    fn run_actions(&mut self, tun: Option<&Tun>) {
+    fn run_actions(&mut self, host: Option<&dyn HostPort>) {
         let now = Instant::now();
         // Actions may produce more actions: work on a second buffer so both
         // keep their capacity (no allocation per turn).
@@ -637,9 +655,9 @@ impl<T: Transport> Link<T> {
                 match a {
                     Action::Send { dest, payload } => self.send(dest, payload),
                     Action::Deliver(slot) => {
-                        if let Some(tun) = tun {
+                        if let Some(host) = host {
                             let n = self.pool_len[slot];
-                            match tun.send(&self.pool[slot][..n]) {
+                            match host.send(&self.pool[slot][..n]) {
                                 Ok(_) => self.counters.rx_delivered += 1,
                                 Err(e) => tracing::debug!("writing to the host: {e}"),
                             }
@@ -859,6 +877,9 @@ impl<T: Transport> Link<T> {
         let mut hdr = [0u8; engine::IPOIB_HEADER_LEN];
         engine::write_header(&mut hdr, ty);
         let (Some(tx), Some(qp)) = (self.tx.as_ref(), self.qp.as_mut()) else {
+            // Only after shutdown began; nothing is lost that was not going.
+            self.tx_free.push(slot);
+            release(self, payload);
             return;
         };
         let base = slot * TX_SLOT;
