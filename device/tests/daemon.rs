@@ -7,41 +7,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ipoib_sim::{Fabric, FabricConfig};
 
-/// A network namespace, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ipoib-{tag}-{}", std::process::id());
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (iproute2) must be installed; cargo xtask test installs it");
-        assert!(st.success(), "ip netns add {name} (this test needs root)");
-        Netns(name)
-    }
-
-    fn exec(&self, cmd: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(cmd)
-            .output()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e} (cargo xtask test installs the tools)"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+mod common;
+use common::Netns;
 
 /// A running daemon; SIGKILLed if the test fails before stopping it.
 struct Daemon {

@@ -16,7 +16,7 @@ mod demo;
 const TEST_PACKAGES: &[(&str, &str)] = &[
     // Decodes the fabric's InfiniBand captures (tests/fabric_sa.rs).
     ("tshark", "tshark"),
-    // Network namespaces for the host-side tests (tests/host_tun.rs).
+    // Network namespaces for the host-side tests (device/tests/host_tun.rs).
     ("iproute2", "ip"),
     // Real peers across the daemons' interfaces (device/tests/daemon.rs).
     ("iputils-ping", "ping"),

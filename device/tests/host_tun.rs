@@ -5,39 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ipoib_netlink::{LinkConfig, Netlink};
+mod common;
+use common::Netns;
 use mlx5_driver::transport::tun::{
     ARPHRD_INFINIBAND, Tun, TunOffloads, VNET_HDR_LEN_MRG, enter_netns,
 };
-
-/// A network namespace that is deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("ipoib-{tag}-{}", std::process::id());
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip (iproute2) must be installed; cargo xtask test installs it");
-        assert!(st.success(), "ip netns add {name} (this test needs root)");
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = b
