@@ -930,6 +930,20 @@ mod tests {
         assert!(i.carrier());
     }
 
+    /// Interface A (QPN 0x48, 10.0.0.1, fe80::a), up on LID 2.
+    fn host_a() -> Iface {
+        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
+        up(&mut a, 2);
+        a
+    }
+
+    /// Interface B (QPN 0x49, 10.0.0.2, fe80::b), up on LID 3.
+    fn host_b() -> Iface {
+        let mut b = iface(0x49, GID_B, [10, 0, 0, 2], "fe80::b");
+        up(&mut b, 3);
+        b
+    }
+
     fn ipv4_packet(dst: [u8; 4]) -> [u8; 20] {
         let mut p = [0u8; 20];
         p[0] = 0x45;
@@ -976,8 +990,7 @@ mod tests {
 
     #[test]
     fn new_addresses_get_their_solicited_node_group() {
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        up(&mut a, 2);
+        let mut a = host_a();
         let mut out = Out::new();
         let v6: Ipv6Addr = "fe80::1234:5678".parse().unwrap();
         a.set_addresses(vec![], vec!["fe80::a".parse().unwrap(), v6], &mut out);
@@ -1005,10 +1018,7 @@ mod tests {
     #[test]
     fn arp_resolution_then_path_then_send() {
         let t = Instant::now();
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        let mut b = iface(0x49, GID_B, [10, 0, 0, 2], "fe80::b");
-        up(&mut a, 2);
-        up(&mut b, 3);
+        let (mut a, mut b) = (host_a(), host_b());
         let mut out = Out::new();
 
         // A's first packet to 10.0.0.2 waits; an ARP request goes to the
@@ -1086,8 +1096,7 @@ mod tests {
     #[test]
     fn own_multicast_loopback_is_dropped_and_data_delivered() {
         let t = Instant::now();
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        up(&mut a, 2);
+        let mut a = host_a();
         let mut out = Out::new();
         a.receive(
             from(2, 0x48, true),
@@ -1129,10 +1138,7 @@ mod tests {
     #[test]
     fn ipv6_neighbour_solicitation_via_a_send_only_group() {
         let t = Instant::now();
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        let mut b = iface(0x49, GID_B, [10, 0, 0, 2], "fe80::b");
-        up(&mut a, 2);
-        up(&mut b, 3);
+        let (mut a, mut b) = (host_a(), host_b());
         let mut out = Out::new();
         a.transmit(&ipv6_packet("fe80::b"), "ping6", t, &mut out);
         // The solicited-node group of fe80::b is joined send-only first.
@@ -1184,8 +1190,7 @@ mod tests {
     #[test]
     fn unanswered_arp_retries_then_drops() {
         let t = Instant::now();
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        up(&mut a, 2);
+        let mut a = host_a();
         let mut out = Out::new();
         for p in ["1", "2", "3", "4"] {
             a.transmit(&ipv4_packet([10, 0, 0, 9]), p, t, &mut out);
@@ -1253,8 +1258,7 @@ mod tests {
     #[test]
     fn send_only_groups_are_bounded() {
         let t = Instant::now();
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        up(&mut a, 2);
+        let mut a = host_a();
         let mut out = Out::new();
         let mut n = 0u32;
         while a.groups().len() < MAX_GROUPS {
@@ -1271,8 +1275,7 @@ mod tests {
     #[test]
     fn light_flush_keeps_neighbours_and_rejoins() {
         let t = Instant::now();
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        up(&mut a, 2);
+        let mut a = host_a();
         let mut out = Out::new();
         let mut reply = [0u8; ARP_LEN];
         Arp {
@@ -1326,8 +1329,7 @@ mod tests {
     #[test]
     fn normal_flush_rejoins_broadcast_first() {
         let t = Instant::now();
-        let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
-        up(&mut a, 2);
+        let mut a = host_a();
         let mut out = Out::new();
         a.listen("224.0.0.251".parse().unwrap(), &mut out);
         let mdns = mgid::ipv4(Ipv4Addr::new(224, 0, 0, 251), 0xffff, 2);
