@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 pub const VERSION: u32 = 1;
 /// Longest request accepted.
 pub const MAX_REQUEST: usize = 4096;
+/// Longest response a client reads (a neighbour table of a few thousand
+/// entries fits many times over).
+pub const MAX_RESPONSE: u64 = 16 << 20;
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/ipoib-vfio.sock";
 
@@ -259,7 +262,7 @@ pub fn call(socket: &Path, command: Command) -> Result<Response, ControlError> {
     text.push(b'\n');
     s.write_all(&text)?;
     let mut line = Vec::new();
-    BufReader::new(&s).read_until(b'\n', &mut line)?;
+    BufReader::new((&s).take(MAX_RESPONSE)).read_until(b'\n', &mut line)?;
     let r: Response =
         serde_json::from_slice(&line).map_err(|e| ControlError::Parse(e.to_string()))?;
     if r.version != VERSION {

@@ -13,6 +13,8 @@ use crate::engine::datagram::Drop;
 use crate::engine::mgid::format_gid;
 use crate::link::Link;
 
+/// Clients answered per event-loop turn.
+const CLIENTS_PER_TURN: usize = 8;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -63,9 +65,14 @@ impl ControlServer {
         &self.listener
     }
 
-    /// Answers every waiting client.
+    /// Answers waiting clients, at most [`CLIENTS_PER_TURN`] per call so a
+    /// flood of connections cannot starve the data path; the rest wait
+    /// for the next turn.
     pub fn serve<T: Transport>(&self, ifname: &str, link: &Link<T>) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        for _ in 0..CLIENTS_PER_TURN {
+            let Ok((stream, _)) = self.listener.accept() else {
+                break;
+            };
             if let Err(e) = self.answer(&stream, ifname, link) {
                 tracing::debug!("control client: {e}");
             }
