@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipoib_device::engine::datagram::Drop;
+use ipoib_device::engine::datagram::DropReason;
 use ipoib_device::engine::mgid;
 use ipoib_device::link::{HostPort, Link};
 use ipoib_sim::{Fabric, FabricConfig, SimConfig, SimHca};
@@ -214,10 +214,10 @@ fn arp_nd_unicast_and_multicast_between_two_hosts() {
     // Nothing was dropped on either side.
     for h in [&a, &b] {
         for why in [
-            Drop::QueueFull,
-            Drop::Unreachable,
-            Drop::BadControl,
-            Drop::Malformed,
+            DropReason::QueueFull,
+            DropReason::Unreachable,
+            DropReason::BadControl,
+            DropReason::Malformed,
         ] {
             assert_eq!(h.link.engine().drops(why), 0, "{why:?}");
         }
@@ -239,13 +239,13 @@ fn unknown_destination_is_dropped_after_arp_gives_up() {
     }
     run(&mut [&mut a], Duration::from_millis(100));
     assert_eq!(
-        a.link.engine().drops(Drop::QueueFull),
+        a.link.engine().drops(DropReason::QueueFull),
         1,
         "three queued, the fourth dropped"
     );
     // Three ARP requests one second apart, then the queue is dropped.
     run(&mut [&mut a], Duration::from_millis(3300));
-    assert_eq!(a.link.engine().drops(Drop::Unreachable), 3);
+    assert_eq!(a.link.engine().drops(DropReason::Unreachable), 3);
     assert!(a.link.engine().neighbours(Instant::now()).is_empty());
     a.finish();
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ipoib_control::{self as proto, Command, Reply, Response};
 use mlx5_driver::transport::Transport;
 
-use crate::engine::datagram::Drop;
+use crate::engine::datagram::DropReason;
 use crate::engine::mgid::format_gid;
 use crate::link::Link;
 
@@ -207,7 +207,7 @@ fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
         value: v,
     })
     .collect();
-    out.extend(Drop::ALL.iter().map(|d| proto::Counter {
+    out.extend(DropReason::ALL.iter().map(|d| proto::Counter {
         name: d.name().into(),
         value: link.engine().drops(*d),
     }));

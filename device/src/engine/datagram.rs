@@ -116,7 +116,7 @@ pub enum Dest<A> {
 
 /// Why a packet was dropped; one counter each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Drop {
+pub enum DropReason {
     /// Not IPv4 or IPv6, or too short to read its destination.
     Malformed,
     /// A neighbour or path queue was full.
@@ -138,32 +138,32 @@ pub enum Drop {
     Ethertype,
 }
 
-impl Drop {
+impl DropReason {
     /// Every reason, in the order `ipoib-tool stats` prints them.
-    pub const ALL: [Drop; 9] = [
-        Drop::Malformed,
-        Drop::QueueFull,
-        Drop::Unreachable,
-        Drop::McastNotJoined,
-        Drop::NoCarrier,
-        Drop::OwnLoopback,
-        Drop::Flushed,
-        Drop::BadControl,
-        Drop::Ethertype,
+    pub const ALL: [DropReason; 9] = [
+        DropReason::Malformed,
+        DropReason::QueueFull,
+        DropReason::Unreachable,
+        DropReason::McastNotJoined,
+        DropReason::NoCarrier,
+        DropReason::OwnLoopback,
+        DropReason::Flushed,
+        DropReason::BadControl,
+        DropReason::Ethertype,
     ];
 
     /// The counter name.
     pub fn name(self) -> &'static str {
         match self {
-            Drop::Malformed => "drop_malformed",
-            Drop::QueueFull => "drop_queue_full",
-            Drop::Unreachable => "drop_unreachable",
-            Drop::McastNotJoined => "drop_mcast_not_joined",
-            Drop::NoCarrier => "drop_no_carrier",
-            Drop::OwnLoopback => "drop_own_loopback",
-            Drop::Flushed => "drop_flushed",
-            Drop::BadControl => "drop_bad_arp_nd",
-            Drop::Ethertype => "drop_ethertype",
+            DropReason::Malformed => "drop_malformed",
+            DropReason::QueueFull => "drop_queue_full",
+            DropReason::Unreachable => "drop_unreachable",
+            DropReason::McastNotJoined => "drop_mcast_not_joined",
+            DropReason::NoCarrier => "drop_no_carrier",
+            DropReason::OwnLoopback => "drop_own_loopback",
+            DropReason::Flushed => "drop_flushed",
+            DropReason::BadControl => "drop_bad_arp_nd",
+            DropReason::Ethertype => "drop_ethertype",
         }
     }
 }
@@ -192,7 +192,7 @@ pub enum Action<A, P> {
         send_only: bool,
     },
     /// The host packet or queued work is dropped and counted.
-    Dropped(Option<P>, Drop),
+    Dropped(Option<P>, DropReason),
     /// A received packet was consumed by the interface itself (ARP, ND);
     /// its buffer is free again.
     Release(P),
@@ -242,7 +242,8 @@ pub struct Datagram<A, P> {
     neigh: Cache<IpAddr, HwAddr, Payload<P>>,
     paths: Cache<Gid, A, Waiting<P>>,
     groups: HashMap<Gid, Group<A, P>>,
-    drops: HashMap<Drop, u64>,
+    /// Counts, indexed by `DropReason as usize`.
+    drops: [u64; DropReason::ALL.len()],
     events: Vec<resolve::Event<IpAddr, Payload<P>>>,
     path_events: Vec<resolve::Event<Gid, Waiting<P>>>,
 }
@@ -258,7 +259,7 @@ impl<A: Copy, P> Datagram<A, P> {
             neigh: Cache::new(resolve::Config::NEIGHBOURS),
             paths: Cache::new(resolve::Config::PATHS),
             groups: HashMap::new(),
-            drops: HashMap::new(),
+            drops: [0; DropReason::ALL.len()],
             events: Vec::new(),
             path_events: Vec::new(),
         }
@@ -280,8 +281,8 @@ impl<A: Copy, P> Datagram<A, P> {
     }
 
     /// Drops counted so far, by reason.
-    pub fn drops(&self, why: Drop) -> u64 {
-        self.drops.get(&why).copied().unwrap_or(0)
+    pub fn drops(&self, why: DropReason) -> u64 {
+        self.drops[why as usize]
     }
 
     /// The neighbour table, for `ipoib-tool neigh`.
@@ -472,7 +473,7 @@ impl<A: Copy, P> Datagram<A, P> {
             let dropped: Vec<_> = queue.drain(..).collect();
             self.groups.remove(&g);
             for p in dropped {
-                self.drop_payload(p, Drop::McastNotJoined, out);
+                self.drop_payload(p, DropReason::McastNotJoined, out);
             }
             return;
         }
@@ -496,7 +497,7 @@ impl<A: Copy, P> Datagram<A, P> {
     /// The path query for `gid` failed.
     pub fn path_failed(&mut self, gid: Gid, out: &mut Vec<Action<A, P>>) {
         for w in self.paths.fail(&gid) {
-            self.drop_payload(w.payload, Drop::Unreachable, out);
+            self.drop_payload(w.payload, DropReason::Unreachable, out);
         }
     }
 
@@ -504,11 +505,11 @@ impl<A: Copy, P> Datagram<A, P> {
     /// its buffer).
     pub fn transmit(&mut self, bytes: &[u8], packet: P, now: Instant, out: &mut Vec<Action<A, P>>) {
         let Some((dst, ty)) = ip_destination(bytes) else {
-            self.count(Drop::Malformed, Some(packet), out);
+            self.count(DropReason::Malformed, Some(packet), out);
             return;
         };
         if !self.carrier() {
-            self.count(Drop::NoCarrier, Some(packet), out);
+            self.count(DropReason::NoCarrier, Some(packet), out);
             return;
         }
         let payload = Payload::Host(packet, ty);
@@ -521,7 +522,7 @@ impl<A: Copy, P> Datagram<A, P> {
     fn send_multicast(&mut self, g: Gid, payload: Payload<P>, out: &mut Vec<Action<A, P>>) {
         if !self.groups.contains_key(&g) {
             if self.groups.len() >= MAX_GROUPS {
-                self.drop_payload(payload, Drop::McastNotJoined, out);
+                self.drop_payload(payload, DropReason::McastNotJoined, out);
                 return;
             }
             self.want_group(g, true, out);
@@ -534,7 +535,7 @@ impl<A: Copy, P> Datagram<A, P> {
             Some(Group::Joining { queue, .. }) if queue.len() < MCAST_QUEUE_LIMIT => {
                 queue.push_back(payload)
             }
-            _ => self.drop_payload(payload, Drop::McastNotJoined, out),
+            _ => self.drop_payload(payload, DropReason::McastNotJoined, out),
         }
     }
 
@@ -549,7 +550,7 @@ impl<A: Copy, P> Datagram<A, P> {
             Lookup::Ready { value, packet, .. } => self.send_to_hw(value, packet, now, out),
             Lookup::Queued { start: true } => self.solicit(ip, out),
             Lookup::Queued { start: false } => {}
-            Lookup::QueueFull(p) => self.drop_payload(p, Drop::QueueFull, out),
+            Lookup::QueueFull(p) => self.drop_payload(p, DropReason::QueueFull, out),
         }
     }
 
@@ -580,7 +581,7 @@ impl<A: Copy, P> Datagram<A, P> {
             }
             Lookup::Queued { start: true } => out.push(Action::QueryPath(gid)),
             Lookup::Queued { start: false } => {}
-            Lookup::QueueFull(w) => self.drop_payload(w.payload, Drop::QueueFull, out),
+            Lookup::QueueFull(w) => self.drop_payload(w.payload, DropReason::QueueFull, out),
         }
     }
 
@@ -656,7 +657,7 @@ impl<A: Copy, P> Datagram<A, P> {
         out: &mut Vec<Action<A, P>>,
     ) {
         if src.multicast && src.slid == self.lid && src.sqpn == self.cfg.hw.qpn() {
-            self.count(Drop::OwnLoopback, Some(packet), out);
+            self.count(DropReason::OwnLoopback, Some(packet), out);
             return;
         }
         match ty {
@@ -670,13 +671,13 @@ impl<A: Copy, P> Datagram<A, P> {
                 out.push(Action::Release(packet));
             }
             ethertype::IPV4 | ethertype::IPV6 => out.push(Action::Deliver(packet)),
-            _ => self.count(Drop::Ethertype, Some(packet), out),
+            _ => self.count(DropReason::Ethertype, Some(packet), out),
         }
     }
 
     fn receive_arp(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<Action<A, P>>) {
         let Ok(arp) = Arp::parse(bytes) else {
-            self.count(Drop::BadControl, None, out);
+            self.count(DropReason::BadControl, None, out);
             return;
         };
         let Some(&own_ip) = self.cfg.ipv4.iter().find(|a| **a == arp.target_ip) else {
@@ -703,11 +704,11 @@ impl<A: Copy, P> Datagram<A, P> {
 
     fn receive_nd(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<Action<A, P>>) {
         let (Some(src), Some(icmp)) = (bytes.get(8..24), bytes.get(IPV6_HEADER..)) else {
-            self.count(Drop::BadControl, None, out);
+            self.count(DropReason::BadControl, None, out);
             return;
         };
         let Ok(msg) = Neighbor::parse(icmp) else {
-            self.count(Drop::BadControl, None, out);
+            self.count(DropReason::BadControl, None, out);
             return;
         };
         let mut s = [0u8; 16];
@@ -758,7 +759,7 @@ impl<A: Copy, P> Datagram<A, P> {
                 resolve::Event::Retry(ip) => self.solicit(ip, out),
                 resolve::Event::Unreachable(_, queued) => {
                     for p in queued {
-                        self.drop_payload(p, Drop::Unreachable, out);
+                        self.drop_payload(p, DropReason::Unreachable, out);
                     }
                 }
                 resolve::Event::Expired(_) => {}
@@ -773,7 +774,7 @@ impl<A: Copy, P> Datagram<A, P> {
                 resolve::Event::Retry(gid) => out.push(Action::QueryPath(gid)),
                 resolve::Event::Unreachable(_, queued) => {
                     for w in queued {
-                        self.drop_payload(w.payload, Drop::Unreachable, out);
+                        self.drop_payload(w.payload, DropReason::Unreachable, out);
                     }
                 }
                 resolve::Event::Expired(_) => {}
@@ -811,10 +812,10 @@ impl<A: Copy, P> Datagram<A, P> {
     /// [`Datagram::start`] is called.
     pub fn flush_normal(&mut self, out: &mut Vec<Action<A, P>>) {
         for p in self.neigh.clear() {
-            self.drop_payload(p, Drop::Flushed, out);
+            self.drop_payload(p, DropReason::Flushed, out);
         }
         for w in self.paths.clear() {
-            self.drop_payload(w.payload, Drop::Flushed, out);
+            self.drop_payload(w.payload, DropReason::Flushed, out);
         }
         self.reset_groups(out);
     }
@@ -830,7 +831,7 @@ impl<A: Copy, P> Datagram<A, P> {
                     send_only, queue, ..
                 } => {
                     for p in queue {
-                        self.drop_payload(p, Drop::Flushed, out);
+                        self.drop_payload(p, DropReason::Flushed, out);
                     }
                     send_only
                 }
@@ -842,15 +843,15 @@ impl<A: Copy, P> Datagram<A, P> {
         }
     }
 
-    fn drop_payload(&mut self, p: Payload<P>, why: Drop, out: &mut Vec<Action<A, P>>) {
+    fn drop_payload(&mut self, p: Payload<P>, why: DropReason, out: &mut Vec<Action<A, P>>) {
         match p {
             Payload::Host(p, _) => self.count(why, Some(p), out),
             Payload::Control(_) => self.count(why, None, out),
         }
     }
 
-    fn count(&mut self, why: Drop, p: Option<P>, out: &mut Vec<Action<A, P>>) {
-        *self.drops.entry(why).or_default() += 1;
+    fn count(&mut self, why: DropReason, p: Option<P>, out: &mut Vec<Action<A, P>>) {
+        self.drops[why as usize] += 1;
         out.push(Action::Dropped(p, why));
     }
 }
@@ -979,6 +980,13 @@ mod tests {
     }
 
     #[test]
+    fn every_drop_reason_has_its_own_counter() {
+        for (i, d) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i, "{d:?}");
+        }
+    }
+
+    #[test]
     fn mtu_is_the_group_mtu_less_the_header() {
         // ipoib.md §8: 2044 with a 2048 fabric MTU, 4092 with 4096.
         assert_eq!(Iface::mtu_for(4), Some(2044));
@@ -1010,9 +1018,9 @@ mod tests {
         let mut a = iface(0x48, GID_A, [10, 0, 0, 1], "fe80::a");
         let mut out = Out::new();
         a.transmit(&ipv4_packet([10, 0, 0, 2]), "p", t, &mut out);
-        assert_eq!(out, [Action::Dropped(Some("p"), Drop::NoCarrier)]);
+        assert_eq!(out, [Action::Dropped(Some("p"), DropReason::NoCarrier)]);
         a.transmit(&[0x45, 0], "short", t, &mut out);
-        assert_eq!(a.drops(Drop::Malformed), 1);
+        assert_eq!(a.drops(DropReason::Malformed), 1);
     }
 
     #[test]
@@ -1106,7 +1114,7 @@ mod tests {
             t,
             &mut out,
         );
-        assert_eq!(out, [Action::Dropped(Some("own"), Drop::OwnLoopback)]);
+        assert_eq!(out, [Action::Dropped(Some("own"), DropReason::OwnLoopback)]);
         out.clear();
         a.receive(
             from(2, 0x50, true),
@@ -1123,7 +1131,7 @@ mod tests {
         );
         out.clear();
         a.receive(from(3, 0x49, false), 0x88cc, &[0; 8], "lldp", t, &mut out);
-        assert_eq!(out, [Action::Dropped(Some("lldp"), Drop::Ethertype)]);
+        assert_eq!(out, [Action::Dropped(Some("lldp"), DropReason::Ethertype)]);
         a.receive(
             from(3, 0x49, false),
             ethertype::ARP,
@@ -1132,7 +1140,7 @@ mod tests {
             t,
             &mut out,
         );
-        assert_eq!(a.drops(Drop::BadControl), 1);
+        assert_eq!(a.drops(DropReason::BadControl), 1);
     }
 
     #[test]
@@ -1196,13 +1204,13 @@ mod tests {
             a.transmit(&ipv4_packet([10, 0, 0, 9]), p, t, &mut out);
         }
         assert_eq!(sent_control(&out).len(), 1);
-        assert!(out.contains(&Action::Dropped(Some("4"), Drop::QueueFull)));
+        assert!(out.contains(&Action::Dropped(Some("4"), DropReason::QueueFull)));
         out.clear();
         for s in 1..=3 {
             a.poll(t + Duration::from_secs(s), &mut out);
         }
         assert_eq!(sent_control(&out).len(), 2, "two more requests");
-        assert_eq!(a.drops(Drop::Unreachable), 3);
+        assert_eq!(a.drops(DropReason::Unreachable), 3);
     }
 
     #[test]
@@ -1251,7 +1259,10 @@ mod tests {
         );
         out.clear();
         a.join_failed(g, now, &mut out);
-        assert_eq!(out, [Action::Dropped(Some("m"), Drop::McastNotJoined)]);
+        assert_eq!(
+            out,
+            [Action::Dropped(Some("m"), DropReason::McastNotJoined)]
+        );
         assert!(a.groups().iter().all(|(m, ..)| *m != g));
     }
 
@@ -1268,7 +1279,10 @@ mod tests {
         }
         out.clear();
         a.transmit(&ipv4_packet([239, 255, 255, 254]), "over", t, &mut out);
-        assert_eq!(out, [Action::Dropped(Some("over"), Drop::McastNotJoined)]);
+        assert_eq!(
+            out,
+            [Action::Dropped(Some("over"), DropReason::McastNotJoined)]
+        );
         assert_eq!(a.groups().len(), MAX_GROUPS);
     }
 
@@ -1338,7 +1352,7 @@ mod tests {
         out.clear();
 
         a.flush_normal(&mut out);
-        assert_eq!(out, [Action::Dropped(Some("so"), Drop::Flushed)]);
+        assert_eq!(out, [Action::Dropped(Some("so"), DropReason::Flushed)]);
         assert!(!a.carrier());
         out.clear();
         a.start(7, &mut out);
