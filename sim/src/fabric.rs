@@ -645,8 +645,9 @@ impl Fabric {
             st.stats.dropped_malformed += 1;
             return;
         }
-        // Every hop checks the CRCs; a corrupted packet dies at the switch.
-        if wire::parse(&pkt).is_err() {
+        // Every hop checks the length and the VCRC; a packet corrupted on
+        // the link dies at the switch. The ICRC is the receiver's to check.
+        if wire::check_link(&pkt).is_err() {
             st.stats.dropped_bad_crc += 1;
             return;
         }

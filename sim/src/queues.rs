@@ -818,7 +818,7 @@ impl Firmware {
             return (bbs as u16, Err((WcError::LocalLength, opcode)));
         }
         for p in packets {
-            self.ud_send(q.clone(), opcode, se, av, p);
+            self.ud_send(&q, opcode, se, av, &p);
         }
         (bbs as u16, Ok((signaled, opcode)))
     }
@@ -871,7 +871,7 @@ impl Firmware {
         Ok(payload)
     }
 
-    fn ud_send(&mut self, q: SimQp, opcode: u8, se: bool, av: &[u8], payload: Vec<u8>) {
+    fn ud_send(&mut self, q: &SimQp, opcode: u8, se: bool, av: &[u8], payload: &[u8]) {
         let qpn = q.qpn;
         let port = &self.port;
         if port.state != port_state::ACTIVE {
@@ -930,7 +930,7 @@ impl Firmware {
         if let Some(qm) = self.qps.get_mut(&qpn) {
             qm.psn = (qm.psn + 1) & 0xFF_FFFF;
         }
-        self.outbox.push(wire::build(&h, &payload));
+        self.outbox.push(wire::build(&h, payload));
         self.dp.tx_packets += 1;
     }
 
@@ -1085,7 +1085,9 @@ impl Firmware {
         if let Some(g) = grh {
             grh_area.copy_from_slice(g);
         }
-        let mut src = grh_area.iter().chain(payload.iter()).copied();
+        // The GRH area and the payload, scattered over the segments in order.
+        let pieces = [&grh_area[..], payload];
+        let mut at = 0usize;
         let mut left = total;
         for s in &segs {
             if left == 0 {
@@ -1106,8 +1108,7 @@ impl Firmware {
                 return;
             }
             let n = (s.len as usize).min(left);
-            let chunk: Vec<u8> = src.by_ref().take(n).collect();
-            if iommu.write(s.addr, &chunk).is_err() {
+            if !scatter(iommu, s.addr, &pieces, at, n) {
                 self.error_cqe(
                     iommu,
                     q.cqn_rcv,
@@ -1122,6 +1123,7 @@ impl Firmware {
                 return;
             }
             left -= n;
+            at += n;
         }
         let mut c = [0u8; 64];
         c[0x11] = (h.dlid & ((1 << self.port.lmc) - 1)) as u8;
@@ -1147,4 +1149,29 @@ impl Firmware {
     pub fn attached_groups(&self) -> BTreeSet<[u8; 16]> {
         self.mcgs.keys().copied().collect()
     }
+}
+
+/// Writes bytes `at..at + n` of the concatenation of `pieces` to device
+/// memory at `addr`; false if the IOMMU refuses any part of it.
+fn scatter(iommu: &Iommu, addr: u64, pieces: &[&[u8]], at: usize, n: usize) -> bool {
+    let mut skip = at;
+    let mut left = n;
+    let mut to = addr;
+    for piece in pieces {
+        if left == 0 {
+            break;
+        }
+        if skip >= piece.len() {
+            skip -= piece.len();
+            continue;
+        }
+        let take = (piece.len() - skip).min(left);
+        if iommu.write(to, &piece[skip..skip + take]).is_err() {
+            return false;
+        }
+        skip = 0;
+        left -= take;
+        to += take as u64;
+    }
+    left == 0
 }

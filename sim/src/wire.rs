@@ -83,29 +83,11 @@ pub enum WireError {
     Unsupported,
 }
 
-const fn crc32_table() -> [u32; 256] {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-}
-
-const fn crc16_table() -> [u16; 256] {
-    // Polynomial 0x100B, reflected: 0xD008.
-    let mut t = [0u16; 256];
+/// Slicing-by-8 tables for the VCRC (polynomial 0x100B, reflected: 0xD008).
+/// `T[0]` is the byte-at-a-time table; `T[k][i]` advances `T[k-1][i]` by
+/// one more zero byte.
+const fn crc16_tables() -> [[u16; 256]; 8] {
+    let mut t = [[0u16; 256]; 8];
     let mut i = 0;
     while i < 256 {
         let mut c = i as u16;
@@ -118,32 +100,49 @@ const fn crc16_table() -> [u16; 256] {
             };
             k += 1;
         }
-        t[i] = c;
+        t[0][i] = c;
         i += 1;
+    }
+    let mut k = 1;
+    while k < 8 {
+        let mut i = 0;
+        while i < 256 {
+            let prev = t[k - 1][i];
+            t[k][i] = (prev >> 8) ^ t[0][(prev & 0xFF) as usize];
+            i += 1;
+        }
+        k += 1;
     }
     t
 }
 
-static CRC32: [u32; 256] = crc32_table();
-static CRC16: [u16; 256] = crc16_table();
+static CRC16: [[u16; 256]; 8] = crc16_tables();
 
 /// CRC-32 (IEEE 802.3 polynomial, reflected, init and final XOR all ones).
 pub fn crc32(data: &[u8]) -> u32 {
-    crc32_update(0xFFFF_FFFF, data) ^ 0xFFFF_FFFF
-}
-
-fn crc32_update(mut c: u32, data: &[u8]) -> u32 {
-    for &b in data {
-        c = CRC32[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    c
+    let mut h = crc32fast::Hasher::new();
+    h.update(data);
+    h.finalize()
 }
 
 /// The IBA VCRC: CRC-16, polynomial 0x100B, reflected, init 0xFFFF, inverted.
 pub fn crc16(data: &[u8]) -> u16 {
+    let t = &CRC16;
     let mut c: u16 = 0xFFFF;
-    for &b in data {
-        c = CRC16[((c ^ u16::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    let mut chunks = data.chunks_exact(8);
+    for b in &mut chunks {
+        let x = c ^ u16::from_le_bytes([b[0], b[1]]);
+        c = t[7][usize::from(x & 0xFF)]
+            ^ t[6][usize::from(x >> 8)]
+            ^ t[5][usize::from(b[2])]
+            ^ t[4][usize::from(b[3])]
+            ^ t[3][usize::from(b[4])]
+            ^ t[2][usize::from(b[5])]
+            ^ t[1][usize::from(b[6])]
+            ^ t[0][usize::from(b[7])];
+    }
+    for &b in chunks.remainder() {
+        c = t[0][usize::from((c ^ u16::from(b)) & 0xFF)] ^ (c >> 8);
     }
     !c
 }
@@ -152,11 +151,11 @@ pub fn crc16(data: &[u8]) -> u16 {
 /// variant fields (LRH VL, GRH TClass/FlowLabel/HopLmt, BTH resv8a) set to
 /// all ones.
 pub fn icrc(pkt: &[u8], has_grh: bool) -> u32 {
-    let mut c = 0xFFFF_FFFF;
+    let mut h = crc32fast::Hasher::new();
     let mut lrh = [0u8; LRH_LEN];
     lrh.copy_from_slice(&pkt[..LRH_LEN]);
     lrh[0] |= 0xF0;
-    c = crc32_update(c, &lrh);
+    h.update(&lrh);
     let mut at = LRH_LEN;
     if has_grh {
         let mut g = [0u8; GRH_LEN];
@@ -166,15 +165,16 @@ pub fn icrc(pkt: &[u8], has_grh: bool) -> u32 {
         g[2] = 0xFF;
         g[3] = 0xFF;
         g[7] = 0xFF;
-        c = crc32_update(c, &g);
+        h.update(&g);
         at += GRH_LEN;
     }
     let mut bth = [0u8; BTH_LEN];
     bth.copy_from_slice(&pkt[at..at + BTH_LEN]);
     bth[4] = 0xFF;
-    c = crc32_update(c, &bth);
+    h.update(&bth);
     at += BTH_LEN;
-    crc32_update(c, &pkt[at..]) ^ 0xFFFF_FFFF
+    h.update(&pkt[at..]);
+    h.finalize()
 }
 
 /// Builds a packet: headers, payload, pad, ICRC, VCRC.
@@ -225,8 +225,10 @@ pub fn build(h: &Headers, payload: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Parses and checks a packet; returns the headers and the payload range.
-pub fn parse(p: &[u8]) -> Result<(Headers, std::ops::Range<usize>), WireError> {
+/// What a switch checks on every hop: the packet length against the LRH
+/// and the VCRC. The ICRC is end to end: switches forward it untouched and
+/// only the receiving channel adapter checks it (`parse`).
+pub fn check_link(p: &[u8]) -> Result<(), WireError> {
     if p.len() < LRH_LEN + BTH_LEN + 6 {
         return Err(WireError::Truncated);
     }
@@ -238,6 +240,13 @@ pub fn parse(p: &[u8]) -> Result<(Headers, std::ops::Range<usize>), WireError> {
     if crc16(&p[..vc_at]).to_le_bytes() != [p[vc_at], p[vc_at + 1]] {
         return Err(WireError::BadVcrc);
     }
+    Ok(())
+}
+
+/// Parses and checks a packet; returns the headers and the payload range.
+pub fn parse(p: &[u8]) -> Result<(Headers, std::ops::Range<usize>), WireError> {
+    check_link(p)?;
+    let vc_at = p.len() - 2;
     let lnh = p[1] & 0x3;
     if lnh != LNH_LOCAL && lnh != LNH_GLOBAL {
         return Err(WireError::Unsupported);
@@ -328,6 +337,11 @@ mod tests {
     fn crc16_table_matches_the_polynomial() {
         for msg in [&b""[..], b"1", b"123456789", &[0xFF; 100], &[0x00; 33]] {
             assert_eq!(crc16(msg), crc16_bitwise(msg));
+        }
+        // Every split between the 8-byte slices and the byte-wise tail.
+        let ramp: Vec<u8> = (0..=255u8).map(|b| b.wrapping_mul(37) ^ 0x5A).collect();
+        for n in 0..ramp.len() {
+            assert_eq!(crc16(&ramp[..n]), crc16_bitwise(&ramp[..n]), "length {n}");
         }
     }
 
