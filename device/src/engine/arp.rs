@@ -23,7 +23,8 @@ pub enum Op {
 }
 
 impl Op {
-    fn code(self) -> u16 {
+    /// The operation code on the wire.
+    pub fn code(self) -> u16 {
         match self {
             Op::Request => 1,
             Op::Reply => 2,

@@ -8,12 +8,14 @@
 //! - [`mgid`]: IP multicast group → multicast GID mapping.
 //! - [`arp`]: ARP with InfiniBand hardware addresses.
 //! - [`nd`]: the IPoIB link-layer address option of IPv6 neighbour discovery.
+//! - [`eth`]: Ethernet ⇄ IPoIB translation for guests.
 //! - [`resolve`]: resolution caches (neighbours, paths) with packet queueing
 //!   and ageing.
 
 pub mod addr;
 pub mod arp;
 pub mod datagram;
+pub mod eth;
 pub mod mgid;
 pub mod nd;
 pub mod resolve;
