@@ -229,6 +229,7 @@ impl<T: Transport> Link<T> {
             scope: mgid::SCOPE_LINK,
             ipv4: Vec::new(),
             ipv6: Vec::new(),
+            guest: false,
         });
         let mut link = Link {
             hca,

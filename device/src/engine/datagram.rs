@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::addr::HwAddr;
 use super::arp::{ARP_LEN, Arp, Op};
+use super::eth::Target;
 use super::nd::{self, MESSAGE_LEN, Neighbor};
 use super::resolve::{self, Cache, Lookup};
 use super::{Gid, ethertype, mgid};
@@ -48,6 +49,11 @@ pub struct Config {
     pub ipv4: Vec<Ipv4Addr>,
     /// IPv6 addresses of the host side (the link-local one included).
     pub ipv6: Vec<Ipv6Addr>,
+    /// The other side is an Ethernet guest that resolves its neighbours
+    /// itself (through [`super::eth::Translator`]): received ARP and ND
+    /// are delivered to it instead of being answered here, and it sends
+    /// with [`Datagram::send_to`].
+    pub guest: bool,
 }
 
 /// A control message the interface built itself.
@@ -519,6 +525,26 @@ impl<A: Copy, P> Datagram<A, P> {
         }
     }
 
+    /// Sends a packet whose destination the guest side has already
+    /// decided: unicast to an IPoIB address (its path resolved first) or
+    /// to a multicast group (joined send-only if need be).
+    pub fn send_to(
+        &mut self,
+        to: Target,
+        payload: Payload<P>,
+        now: Instant,
+        out: &mut Vec<Action<A, P>>,
+    ) {
+        if !self.carrier() {
+            self.drop_payload(payload, DropReason::NoCarrier, out);
+            return;
+        }
+        match to {
+            Target::Unicast(hw) => self.send_to_hw(hw, payload, now, out),
+            Target::Group(g) => self.send_multicast(g, payload, out),
+        }
+    }
+
     fn send_multicast(&mut self, g: Gid, payload: Payload<P>, out: &mut Vec<Action<A, P>>) {
         if !self.groups.contains_key(&g) {
             if self.groups.len() >= MAX_GROUPS {
@@ -659,6 +685,14 @@ impl<A: Copy, P> Datagram<A, P> {
         if src.multicast && src.slid == self.lid && src.sqpn == self.cfg.hw.qpn() {
             self.count(DropReason::OwnLoopback, Some(packet), out);
             return;
+        }
+        if self.cfg.guest {
+            return match ty {
+                ethertype::ARP | ethertype::IPV4 | ethertype::IPV6 => {
+                    out.push(Action::Deliver(packet))
+                }
+                _ => self.count(DropReason::Ethertype, Some(packet), out),
+            };
         }
         match ty {
             ethertype::ARP => {
@@ -912,6 +946,7 @@ mod tests {
             scope: mgid::SCOPE_LINK,
             ipv4: vec![Ipv4Addr::from(v4)],
             ipv6: vec![v6.parse().unwrap()],
+            guest: false,
         })
     }
 
@@ -1370,5 +1405,76 @@ mod tests {
             "full-member groups return; send-only ones do not"
         );
         assert_eq!(out.len(), 4, "all-hosts, all-nodes, solicited-node, mDNS");
+    }
+
+    #[test]
+    fn guest_side_resolves_for_itself() {
+        let mut g = Iface::new(Config {
+            hw: HwAddr::new(0, 0x50, GID_A),
+            pkey: 0xffff,
+            scope: mgid::SCOPE_LINK,
+            ipv4: Vec::new(),
+            ipv6: Vec::new(),
+            guest: true,
+        });
+        let mut out = Out::new();
+        let peer = HwAddr::new(0x80, 0x49, GID_B);
+        // No carrier yet: dropped and counted.
+        g.send_to(
+            Target::Unicast(peer),
+            Payload::Host("early", 0x0800),
+            Instant::now(),
+            &mut out,
+        );
+        assert_eq!(out, [Action::Dropped(Some("early"), DropReason::NoCarrier)]);
+        out.clear();
+        up(&mut g, 4);
+        // ARP from the fabric goes to the guest untouched, unanswered.
+        let mut body = [0u8; ARP_LEN];
+        Arp::request(peer, Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 9)).emit(&mut body);
+        g.receive(
+            from(3, 0x49, true),
+            ethertype::ARP,
+            &body,
+            "arp",
+            Instant::now(),
+            &mut out,
+        );
+        assert_eq!(out, [Action::Deliver("arp")]);
+        out.clear();
+        // Unicast: the path is resolved first, then the packet goes.
+        let now = Instant::now();
+        g.send_to(
+            Target::Unicast(peer),
+            Payload::Host("ip", 0x0800),
+            now,
+            &mut out,
+        );
+        assert_eq!(out, [Action::QueryPath(GID_B)]);
+        out.clear();
+        g.path_resolved(GID_B, 3, now, &mut out);
+        assert_eq!(
+            out,
+            [Action::Send {
+                dest: Dest::Unicast { ah: 3, qpn: 0x49 },
+                payload: Payload::Host("ip", 0x0800)
+            }]
+        );
+        out.clear();
+        // A group the guest only sends to is joined send-only.
+        let m = mgid::ipv4(Ipv4Addr::new(224, 0, 0, 251), 0xffff, 2);
+        g.send_to(
+            Target::Group(m),
+            Payload::Host("mdns", 0x0800),
+            now,
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            [Action::Join {
+                mgid: m,
+                send_only: true
+            }]
+        );
     }
 }
