@@ -1,11 +1,20 @@
 //! One IPoIB interface in datagram mode on an HCA port: the engine of
-//! [`crate::engine::datagram`] wired to a UD QP, the SA client and the
-//! host side ([`HostPort`]: the TUN device in the daemon).
+//! [`crate::engine::datagram`] wired to UD QPs, the SA client and the
+//! host side.
 //!
-//! Buffers are allocated once: receive buffers of GRH + IB MTU in DMA
-//! memory, send slots in DMA memory, and a pool of host packet buffers
-//! that TUN reads land in. Packets are named by pool index while they wait
-//! in the engine's queues, so the data path does not allocate.
+//! The interface has endpoints, each an IPoIB address of its own (own UD
+//! QP and QPN, the port's GID; ARCHITECTURE decision 1): endpoint 0 is
+//! the host's ([`HostPort`]: the TUN device in the daemon); every vNIC a
+//! guest attaches adds one whose other side speaks Ethernet through
+//! [`crate::engine::eth::Translator`]. The port-wide parts are shared:
+//! the SA client, the broadcast group's parameters, and the multicast
+//! memberships, which the SA sees once per port and which are left only
+//! when the last endpoint using a group lets go of it.
+//!
+//! Buffers are allocated once per endpoint: receive buffers of GRH + IB
+//! MTU in DMA memory, send slots in DMA memory, and a pool of packet
+//! buffers that host reads land in. Packets are named by pool index while
+//! they wait in the engine's queues, so the data path does not allocate.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -26,6 +35,7 @@ use mlx5_driver::verbs::{Cq, Qp, QpConfig, TxOffload};
 
 use crate::engine::addr::HwAddr;
 use crate::engine::datagram::{self, Action, Datagram, Dest, Payload, Source};
+use crate::engine::eth::{self as eth, GuestRx, GuestTx, Mac, Sender, Translator};
 use crate::engine::{self, mgid};
 use crate::vnet::{self, TxPlan, VnetHdr};
 
@@ -49,9 +59,10 @@ const SA_TRIES: u8 = 4;
 /// The Q_Key the QP has until the broadcast group's replaces it.
 const QKEY_DEFAULT: u32 = 0x0B1B;
 
-/// The host side of an interface: where packets to transmit come from and
-/// received ones go, each behind a 12-byte virtio-net header. The daemon
-/// uses a [`Tun`] device; tests can use a queue.
+/// The host side of an endpoint: where packets to transmit come from and
+/// received ones go, each behind a 12-byte virtio-net header. For the
+/// host endpoint they are IP packets (the daemon uses a [`Tun`] device;
+/// tests can use a queue); for a guest's, Ethernet frames.
 pub trait HostPort {
     /// Reads one packet; `WouldBlock` when none is waiting.
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
@@ -105,7 +116,7 @@ pub struct LinkCounters {
     pub sa_failures: u64,
 }
 
-/// An SA transaction in flight.
+/// An SA transaction in flight, for an endpoint.
 #[derive(Debug, Clone, Copy)]
 enum SaOp {
     Path([u8; 16]),
@@ -116,11 +127,57 @@ enum SaOp {
     },
 }
 
-/// A datagram-mode IPoIB interface; see the module documentation.
+/// Names an endpoint of a [`Link`]; 0 is the host's.
+pub type EndpointId = usize;
+
+/// The host endpoint.
+pub const HOST: EndpointId = 0;
+
+/// Room for a translated ARP or ND packet (ND options grow by 16 bytes
+/// each).
+const SCRATCH: usize = 4096 + 512;
+
+/// Where a packet sits in its pool buffer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// Offset of its virtio-net header; the packet follows it.
+    start: usize,
+    /// End of the packet.
+    end: usize,
+    /// EtherType (received packets).
+    ty: u16,
+    /// Who sent it (received packets, for a guest's Ethernet header).
+    from: Option<Sender>,
+}
+
+/// The Ethernet side of a guest's endpoint.
+struct Guest {
+    tr: Translator,
+    port: Box<dyn HostPort>,
+    scratch: Box<[u8]>,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("tr", &self.tr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A port-wide multicast membership.
+#[derive(Debug, Clone)]
+struct Membership {
+    /// JoinState the SA holds for the port.
+    state: u8,
+    /// Endpoints using it.
+    users: Vec<EndpointId>,
+}
+
+/// One IPoIB address on the port: a UD QP, its queues and buffers, and the
+/// engine state behind it.
 #[derive(Debug)]
-pub struct Link<T: Transport> {
-    hca: Hca<T>,
-    gsi: Option<Gsi>,
+struct Endpoint {
     scq: Option<Cq>,
     rcq: Option<Cq>,
     qp: Option<Qp>,
@@ -130,31 +187,60 @@ pub struct Link<T: Transport> {
     tx_free: Vec<usize>,
     tx_inflight: VecDeque<usize>,
     pool: Vec<Vec<u8>>,
-    pool_len: Vec<usize>,
+    slots: Vec<Slot>,
     pool_free: Vec<usize>,
     engine: Datagram<AddressVector, usize>,
     out: Vec<Action<AddressVector, usize>>,
     spare: Vec<Action<AddressVector, usize>>,
+    attached: Vec<[u8; 16]>,
+    /// The completion queues are armed for an event.
+    armed: bool,
+    counters: LinkCounters,
+    guest: Option<Guest>,
+}
+
+/// What `ipoib-tool vms` shows of a guest's endpoint.
+#[derive(Debug, Clone)]
+pub struct GuestInfo {
+    /// The endpoint's IPoIB address.
+    pub hw: HwAddr,
+    /// The guest's MAC.
+    pub mac: Mac,
+    /// Addresses the guest uses (configured or learned).
+    pub addresses: Vec<IpAddr>,
+    /// Remote addresses shown to it as MACs.
+    pub remacs: usize,
+    /// Counters.
+    pub counters: LinkCounters,
+    /// Drops by the translation, by reason.
+    pub eth_drops: Vec<(&'static str, u64)>,
+    /// Drops by the engine, by reason.
+    pub drops: Vec<(&'static str, u64)>,
+}
+
+/// A datagram-mode IPoIB interface; see the module documentation.
+#[derive(Debug)]
+pub struct Link<T: Transport> {
+    hca: Hca<T>,
+    gsi: Option<Gsi>,
+    /// Endpoints by id; a removed guest leaves `None` so ids stay stable.
+    eps: Vec<Option<Endpoint>>,
     bcast: Option<McMemberRecord>,
     /// SA transactions in flight, by TID: the event loop never waits for
     /// the SA.
-    sa_pending: HashMap<u64, SaOp>,
-    attached: Vec<[u8; 16]>,
-    joined: Vec<([u8; 16], u8)>,
+    sa_pending: HashMap<u64, (EndpointId, SaOp)>,
+    joined: HashMap<[u8; 16], Membership>,
     lid: u16,
     sm_lid: u16,
     gid: [u8; 16],
     pkey: u16,
     active: bool,
-    /// The QP does IPoIB stateless offloads (checksums, LSO).
+    /// The QPs do IPoIB stateless offloads (checksums, LSO).
     offload: bool,
     next_start: Instant,
     next_timers: Instant,
     /// The last turn moved packets: do not sleep in the next one.
     busy: bool,
-    /// The completion queues are armed for an event.
-    armed: bool,
-    counters: LinkCounters,
 }
 
 /// Why the interface could not be set up.
@@ -171,22 +257,66 @@ pub enum LinkError {
     Post(mlx5_driver::verbs::PostError),
 }
 
+/// The HCA objects of one endpoint.
+type Parts = (Cq, Cq, Qp, DmaBuffer, DmaBuffer);
+
 impl<T: Transport> Link<T> {
-    /// Creates the interface's QP and buffers on port 1 of `hca`, P_Key
-    /// index 0. Call [`Link::poll`] to run it.
+    /// Creates the interface's GSI QP and the host endpoint's QP and
+    /// buffers on port 1 of `hca`, P_Key index 0. Call [`Link::poll`] to
+    /// run it.
     pub fn new(mut hca: Hca<T>) -> Result<Link<T>, (Box<LinkError>, TeardownReport)> {
-        match Self::create(&mut hca) {
-            Ok(parts) => Ok(Self::assemble(hca, parts)),
-            Err(e) => Err((Box::new(e), hca.shutdown())),
-        }
+        let gsi = match Gsi::new(&mut hca, 1) {
+            Ok(g) => g,
+            Err(e) => return Err((Box::new(e.into()), hca.shutdown())),
+        };
+        let parts = match Self::create_endpoint(&mut hca) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = gsi.destroy(&mut hca);
+                return Err((Box::new(e), hca.shutdown()));
+            }
+        };
+        let offload = hca.info().ipoib_basic_offloads;
+        let port = hca.info().ports.first().cloned();
+        let gid = port.as_ref().map_or([0; 16], |p| p.gid);
+        // The parent interface takes the P_Key at index 0 (the default
+        // partition unless the SM says otherwise).
+        let pkey = port
+            .as_ref()
+            .and_then(|p| p.pkeys.iter().find(|(i, _)| *i == 0).map(|(_, k)| *k))
+            .unwrap_or(0xFFFF);
+        let mut link = Link {
+            hca,
+            gsi: Some(gsi),
+            eps: Vec::new(),
+            bcast: None,
+            sa_pending: HashMap::new(),
+            joined: HashMap::new(),
+            lid: port.as_ref().map_or(0, |p| p.lid),
+            sm_lid: port.as_ref().map_or(0, |p| p.sm_lid),
+            gid,
+            pkey,
+            active: false,
+            offload,
+            next_start: Instant::now(),
+            next_timers: Instant::now(),
+            busy: false,
+        };
+        let ep = link.assemble(parts, None);
+        link.eps.push(Some(ep));
+        Ok(link)
     }
 
-    #[allow(clippy::type_complexity)]
-    fn create(hca: &mut Hca<T>) -> Result<(Gsi, Cq, Cq, Qp, DmaBuffer, DmaBuffer), LinkError> {
-        let gsi = Gsi::new(hca, 1)?;
+    fn create_endpoint(hca: &mut Hca<T>) -> Result<Parts, LinkError> {
         let scq = Cq::create(hca, LOG_SQ + 1)?;
-        let rcq = Cq::create(hca, LOG_RQ + 1)?;
-        let mut qp = Qp::create(
+        let rcq = match Cq::create(hca, LOG_RQ + 1) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = scq.destroy(hca);
+                return Err(e.into());
+            }
+        };
+        let qp = Qp::create(
             hca,
             &QpConfig {
                 st: ServiceType::Ud,
@@ -204,36 +334,64 @@ impl<T: Transport> Link<T> {
                 srq: None,
                 offload: hca.info().ipoib_basic_offloads,
             },
-        )?;
-        qp.activate_datagram(hca)?;
-        let rx = hca.alloc_dma(RX_BUFS * RX_BUF)?;
-        let tx = hca.alloc_dma(TX_SLOTS * TX_SLOT)?;
-        Ok((gsi, scq, rcq, qp, rx, tx))
+        );
+        let mut qp = match qp {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = scq.destroy(hca);
+                let _ = rcq.destroy(hca);
+                return Err(e.into());
+            }
+        };
+        let bufs = qp
+            .activate_datagram(hca)
+            .map_err(LinkError::from)
+            .and_then(|()| {
+                let rx = hca.alloc_dma(RX_BUFS * RX_BUF)?;
+                match hca.alloc_dma(TX_SLOTS * TX_SLOT) {
+                    Ok(tx) => Ok((rx, tx)),
+                    Err(e) => {
+                        let _ = hca.free_dma(rx);
+                        Err(e.into())
+                    }
+                }
+            });
+        match bufs {
+            Ok((rx, tx)) => Ok((scq, rcq, qp, rx, tx)),
+            Err(e) => {
+                let _ = qp.destroy(hca);
+                let _ = scq.destroy(hca);
+                let _ = rcq.destroy(hca);
+                Err(e)
+            }
+        }
     }
 
-    fn assemble(hca: Hca<T>, parts: (Gsi, Cq, Cq, Qp, DmaBuffer, DmaBuffer)) -> Link<T> {
-        let (gsi, scq, rcq, qp, rx, tx) = parts;
-        let offload = hca.info().ipoib_basic_offloads;
-        let port = hca.info().ports.first().cloned();
-        let gid = port.as_ref().map_or([0; 16], |p| p.gid);
-        let hw = HwAddr::new(HwAddr::FLAG_RC, qp.qpn(), gid);
-        // The parent interface takes the P_Key at index 0 (the default
-        // partition unless the SM says otherwise).
-        let pkey = port
-            .as_ref()
-            .and_then(|p| p.pkeys.iter().find(|(i, _)| *i == 0).map(|(_, k)| *k))
-            .unwrap_or(0xFFFF);
+    fn assemble(
+        &mut self,
+        parts: Parts,
+        guest: Option<(Mac, Vec<IpAddr>, Box<dyn HostPort>)>,
+    ) -> Endpoint {
+        let (scq, rcq, qp, rx, tx) = parts;
+        let is_guest = guest.is_some();
+        // A guest's vNIC does not accept connected mode (yet): no RC flag.
+        let flags = if is_guest { 0 } else { HwAddr::FLAG_RC };
+        let hw = HwAddr::new(flags, qp.qpn(), self.gid);
         let engine = Datagram::new(datagram::Config {
             hw,
-            pkey,
+            pkey: self.pkey,
             scope: mgid::SCOPE_LINK,
             ipv4: Vec::new(),
             ipv6: Vec::new(),
-            guest: false,
+            guest: is_guest,
         });
-        let mut link = Link {
-            hca,
-            gsi: Some(gsi),
+        let mtu = self.mtu();
+        let guest = guest.map(|(mac, allowed, port)| Guest {
+            tr: Translator::new(mac, hw, self.pkey, mgid::SCOPE_LINK, mtu, allowed),
+            port,
+            scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+        });
+        let mut ep = Endpoint {
             scq: Some(scq),
             rcq: Some(rcq),
             qp: Some(qp),
@@ -243,58 +401,121 @@ impl<T: Transport> Link<T> {
             tx_free: (0..TX_SLOTS).rev().collect(),
             tx_inflight: VecDeque::with_capacity(TX_SLOTS),
             pool: vec![vec![0u8; HOST_BUF]; HOST_BUFS],
-            pool_len: vec![0; HOST_BUFS],
+            slots: vec![Slot::default(); HOST_BUFS],
             pool_free: (0..HOST_BUFS).rev().collect(),
             engine,
             out: Vec::with_capacity(64),
             spare: Vec::with_capacity(64),
-            bcast: None,
-            sa_pending: HashMap::new(),
             attached: Vec::new(),
-            joined: Vec::new(),
-            lid: port.as_ref().map_or(0, |p| p.lid),
-            sm_lid: port.as_ref().map_or(0, |p| p.sm_lid),
-            gid,
-            pkey,
-            active: false,
-            offload,
-            next_start: Instant::now(),
-            next_timers: Instant::now(),
-            busy: false,
             armed: false,
             counters: LinkCounters::default(),
+            guest,
         };
+        let lkey = self.hca.lkey();
         for i in 0..RX_BUFS {
-            link.post_rx(i);
+            ep.post_rx(lkey, i);
         }
-        if let Some(qp) = link.qp.as_mut() {
+        if let Some(qp) = ep.qp.as_mut() {
             qp.ring_rq();
         }
-        link
+        ep
     }
 
-    fn post_rx(&mut self, i: usize) {
-        let (Some(qp), Some(rx)) = (self.qp.as_mut(), self.rx.as_ref()) else {
-            return;
+    /// Adds an endpoint for a guest with MAC `mac` whose Ethernet frames
+    /// come and go through `port`; `allowed` lists the source addresses it
+    /// may use (empty: learned). It joins the broadcast group at once if
+    /// the port is up.
+    pub fn add_guest(
+        &mut self,
+        mac: Mac,
+        allowed: Vec<IpAddr>,
+        port: Box<dyn HostPort>,
+    ) -> Result<EndpointId, LinkError> {
+        let parts = Self::create_endpoint(&mut self.hca)?;
+        let ep = self.assemble(parts, Some((mac, allowed, port)));
+        let id = match self.eps.iter().position(Option::is_none) {
+            Some(free) => {
+                self.eps[free] = Some(ep);
+                free
+            }
+            None => {
+                self.eps.push(Some(ep));
+                self.eps.len() - 1
+            }
         };
-        let sge = Sge {
-            addr: rx.iova_at(i * RX_BUF).0,
-            len: RX_BUF as u32,
-            lkey: self.hca.lkey(),
-        };
-        if qp.post_recv(&[sge]).is_ok() {
-            self.rx_posted.push_back(i);
+        if self.active {
+            self.start_endpoint(id);
         }
+        Ok(id)
+    }
+
+    /// Removes a guest's endpoint: its groups are let go (left when no
+    /// other endpoint uses them), its QP and queues destroyed and its
+    /// buffers freed once nothing points into them. Returns what failed.
+    pub fn remove_guest(&mut self, id: EndpointId) -> Vec<String> {
+        if id == HOST {
+            return vec!["the host endpoint is not removed".into()];
+        }
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::take) else {
+            return vec![format!("no endpoint {id}")];
+        };
+        self.sa_pending.retain(|_, (e, _)| *e != id);
+        self.release_memberships(id);
+        self.destroy_endpoint(ep)
+    }
+
+    fn release_memberships(&mut self, id: EndpointId) {
+        let mut leave = Vec::new();
+        for (g, m) in self.joined.iter_mut() {
+            m.users.retain(|u| *u != id);
+            if m.users.is_empty() {
+                leave.push((*g, m.state));
+            }
+        }
+        for (g, state) in leave {
+            self.joined.remove(&g);
+            let _ = self.sa(sa::mc_leave(g, self.gid, state));
+        }
+    }
+
+    fn destroy_endpoint(&mut self, mut ep: Endpoint) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(qp) = ep.qp.take() {
+            for g in std::mem::take(&mut ep.attached) {
+                let _ = qp.detach(&mut self.hca, g);
+            }
+            // Destroying the QP flushes its work: nothing points into the
+            // buffers afterwards.
+            if let Err(e) = qp.destroy(&mut self.hca) {
+                errors.push(format!("destroying a QP: {e}"));
+            }
+        }
+        for cq in [ep.scq.take(), ep.rcq.take()].into_iter().flatten() {
+            if let Err(e) = cq.destroy(&mut self.hca) {
+                errors.push(format!("destroying a CQ: {e}"));
+            }
+        }
+        for b in [ep.rx.take(), ep.tx.take()].into_iter().flatten() {
+            if let Err(e) = self.hca.free_dma(b) {
+                errors.push(format!("freeing DMA memory: {e}"));
+            }
+        }
+        errors
+    }
+
+    fn host(&self) -> Option<&Endpoint> {
+        self.eps.first().and_then(Option::as_ref)
     }
 
     /// The interface's hardware address.
     pub fn hw_addr(&self) -> HwAddr {
-        self.engine.config().hw
+        self.host()
+            .map_or(HwAddr([0; 20]), |e| e.engine.config().hw)
     }
 
     /// Whether the port is active and the broadcast group joined.
     pub fn carrier(&self) -> bool {
-        self.active && self.engine.carrier()
+        self.active && self.host().is_some_and(|e| e.engine.carrier())
     }
 
     /// The IPoIB MTU the broadcast group allows (2044 before any join).
@@ -325,35 +546,57 @@ impl<T: Transport> Link<T> {
         self.pkey
     }
 
-    /// Counters.
+    /// Counters of the host endpoint.
     pub fn counters(&self) -> LinkCounters {
-        self.counters
+        self.host().map(|e| e.counters).unwrap_or_default()
     }
 
-    /// The engine (neighbours, groups, drop counters).
+    /// The host endpoint's engine (neighbours, groups, drop counters).
     pub fn engine(&self) -> &Datagram<AddressVector, usize> {
-        &self.engine
+        // The host endpoint lives as long as the link.
+        match self.host() {
+            Some(e) => &e.engine,
+            None => unreachable!("the host endpoint is only removed by shutdown"),
+        }
+    }
+
+    /// The guests' endpoints.
+    pub fn guests(&self) -> Vec<EndpointId> {
+        (1..self.eps.len())
+            .filter(|i| self.eps[*i].is_some())
+            .collect()
+    }
+
+    /// What a guest's endpoint shows.
+    pub fn guest(&self, id: EndpointId) -> Option<GuestInfo> {
+        let ep = self.eps.get(id)?.as_ref()?;
+        let g = ep.guest.as_ref()?;
+        Some(GuestInfo {
+            hw: ep.engine.config().hw,
+            mac: g.tr.mac(),
+            addresses: g.tr.addresses().to_vec(),
+            remacs: g.tr.remacs().len(),
+            counters: ep.counters,
+            eth_drops: eth::EthDrop::ALL
+                .iter()
+                .map(|d| (d.name(), g.tr.drops(*d)))
+                .collect(),
+            drops: datagram::DropReason::ALL
+                .iter()
+                .map(|d| (d.name(), ep.engine.drops(*d)))
+                .collect(),
+        })
     }
 
     /// Sets the host side's addresses.
     pub fn set_addresses(&mut self, addrs: &[IpAddr]) {
-        let v4: Vec<Ipv4Addr> = addrs
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(v) => Some(*v),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let v6: Vec<Ipv6Addr> = addrs
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V6(v) => Some(*v),
-                IpAddr::V4(_) => None,
-            })
-            .collect();
-        if v4 != self.engine.config().ipv4 || v6 != self.engine.config().ipv6 {
-            self.engine.set_addresses(v4, v6, &mut self.out);
-            self.run_actions(None);
+        let (v4, v6) = split_families(addrs);
+        let Some(ep) = self.eps.first_mut().and_then(Option::as_mut) else {
+            return;
+        };
+        if v4 != ep.engine.config().ipv4 || v6 != ep.engine.config().ipv6 {
+            ep.engine.set_addresses(v4, v6, &mut ep.out);
+            self.run_actions(HOST, None);
         }
     }
 
@@ -365,14 +608,23 @@ impl<T: Transport> Link<T> {
             self.active = p.state == PortState::Active;
         }
         if self.active {
-            self.engine.start(self.lid, &mut self.out);
-            self.run_actions(None);
+            for id in 0..self.eps.len() {
+                self.start_endpoint(id);
+            }
+        }
+    }
+
+    fn start_endpoint(&mut self, id: EndpointId) {
+        let lid = self.lid;
+        if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
+            ep.engine.start(lid, &mut ep.out);
+            self.run_actions(id, None);
         }
     }
 
     /// One turn of the event loop: HCA events (waiting up to `wait`),
-    /// completions, host packets from `tun`, timers. Returns whether
-    /// carrier changed.
+    /// completions, host packets from `host` and guests' frames from their
+    /// ports, timers. Returns whether carrier changed.
     pub fn poll(&mut self, host: &dyn HostPort, wait: Duration) -> Result<bool, HcaError> {
         let before = self.carrier();
         // While the port is not active, look at it twice a second: the
@@ -389,25 +641,36 @@ impl<T: Transport> Link<T> {
                 AsyncEvent::Other(_) => {}
             }
         }
-        self.reap_sends();
         self.serve_sa();
-        let moved = self.receive(host) + self.read_host(host);
-        self.busy = moved > 0;
         let now = Instant::now();
-        if now >= self.next_timers {
+        let timers = now >= self.next_timers;
+        if timers {
             // The engine's timers are in seconds; ten runs a second is plenty.
             self.next_timers = now + Duration::from_millis(100);
-            self.engine.poll(now, &mut self.out);
         }
-        self.run_actions(Some(host));
+        let mut moved = 0;
+        for id in 0..self.eps.len() {
+            if self.eps[id].is_none() {
+                continue;
+            }
+            self.reap_sends(id);
+            moved += self.receive(id, host) + self.read_host(id, host);
+            if timers && let Some(ep) = self.eps[id].as_mut() {
+                ep.engine.poll(now, &mut ep.out);
+            }
+            self.run_actions(id, Some(host));
+        }
+        self.busy = moved > 0;
         Ok(before != self.carrier())
     }
 
     fn completion_event(&mut self, cqn: u32) {
-        for cq in [self.rcq.as_mut(), self.scq.as_mut()].into_iter().flatten() {
-            if cq.cqn() == cqn {
-                cq.event();
-                self.armed = false;
+        for ep in self.eps.iter_mut().flatten() {
+            for cq in [ep.rcq.as_mut(), ep.scq.as_mut()].into_iter().flatten() {
+                if cq.cqn() == cqn {
+                    cq.event();
+                    ep.armed = false;
+                }
             }
         }
     }
@@ -417,17 +680,19 @@ impl<T: Transport> Link<T> {
         self.busy
     }
 
-    /// Arms both completion queues so the next completion raises an event
+    /// Arms every completion queue so the next completion raises an event
     /// on [`Hca::event_fd`]; call before sleeping.
     pub fn arm(&mut self) {
-        if self.armed {
-            return;
-        }
         let t = self.hca.transport();
-        for cq in [self.rcq.as_mut(), self.scq.as_mut()].into_iter().flatten() {
-            cq.arm(t);
+        for ep in self.eps.iter_mut().flatten() {
+            if ep.armed {
+                continue;
+            }
+            for cq in [ep.rcq.as_mut(), ep.scq.as_mut()].into_iter().flatten() {
+                cq.arm(t);
+            }
+            ep.armed = true;
         }
-        self.armed = true;
     }
 
     /// The HCA's event eventfd, for the caller's wait set.
@@ -465,28 +730,423 @@ impl<T: Transport> Link<T> {
         }
     }
 
-    /// Drops memberships and attachments and flushes the engine: `light`
+    /// Drops memberships and attachments and flushes the engines: `light`
     /// keeps neighbours and rejoins at once, otherwise everything goes and
     /// `start` rejoins.
     fn flush(&mut self, light: bool) {
         // Answers to requests made before the flush no longer apply.
         self.sa_pending.clear();
-        let attached = std::mem::take(&mut self.attached);
-        if let Some(qp) = self.qp.as_ref() {
-            for g in attached {
-                let _ = qp.detach(&mut self.hca, g);
-            }
-        }
         // The SM forgot the memberships (reregister) or the port lost
         // them (down); nothing to leave.
         self.joined.clear();
         self.bcast = None;
-        if light {
-            self.engine.flush_light(&mut self.out);
-        } else {
-            self.engine.flush_normal(&mut self.out);
+        for id in 0..self.eps.len() {
+            let Some(ep) = self.eps[id].as_mut() else {
+                continue;
+            };
+            let attached = std::mem::take(&mut ep.attached);
+            if let Some(qp) = ep.qp.as_ref() {
+                for g in attached {
+                    let _ = qp.detach(&mut self.hca, g);
+                }
+            }
+            if light {
+                ep.engine.flush_light(&mut ep.out);
+            } else {
+                ep.engine.flush_normal(&mut ep.out);
+            }
+            self.run_actions(id, None);
         }
-        self.run_actions(None);
+    }
+
+    fn reap_sends(&mut self, id: EndpointId) {
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        ep.reap_sends();
+    }
+
+    fn receive(&mut self, id: EndpointId, host: &dyn HostPort) -> usize {
+        let mut total = 0;
+        for _ in 0..8 {
+            let n = self.receive_batch(id, host);
+            total += n;
+            if n == 0 {
+                break;
+            }
+        }
+        total
+    }
+
+    fn receive_batch(&mut self, id: EndpointId, host: &dyn HostPort) -> usize {
+        let lkey = self.hca.lkey();
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return 0;
+        };
+        let n = ep.receive_batch(lkey);
+        if n > 0 {
+            self.run_actions(id, Some(host));
+        }
+        n
+    }
+
+    fn read_host(&mut self, id: EndpointId, host: &dyn HostPort) -> usize {
+        let now = Instant::now();
+        let mut read = 0;
+        for _ in 0..64 {
+            let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+                return read;
+            };
+            // Back-pressure: with the send queue nearly full, leave packets
+            // where they are rather than drop them.
+            if ep.tx_free.len() < 8 {
+                ep.reap_sends();
+                if ep.tx_free.len() < 8 {
+                    break;
+                }
+            }
+            let Some(slot) = ep.pool_free.pop() else {
+                break;
+            };
+            let port: &dyn HostPort = match ep.guest.as_ref() {
+                Some(g) => &*g.port,
+                None => host,
+            };
+            match port.recv(&mut ep.pool[slot]) {
+                Ok(n) if n > VNET_HDR_LEN_MRG => {
+                    read += 1;
+                    ep.accept(slot, n, now);
+                }
+                Ok(_) => ep.pool_free.push(slot),
+                Err(e) => {
+                    ep.pool_free.push(slot);
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!("reading the host side: {e}");
+                    }
+                    break;
+                }
+            }
+            if ep.out.len() > 32 {
+                self.run_actions(id, Some(host));
+            }
+        }
+        read
+    }
+
+    fn sa(&mut self, mad: [u8; 256]) -> Option<[u8; 256]> {
+        let d = MadDest {
+            dlid: self.sm_lid,
+            dqpn: 1,
+            sl: 0,
+        };
+        let gsi = self.gsi.as_mut()?;
+        match gsi.transact(&mut self.hca, mad, d, SA_TIMEOUT, SA_TRIES) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::info!("SA transaction failed: {e}");
+                if let Some(ep) = self.eps.first_mut().and_then(Option::as_mut) {
+                    ep.counters.sa_failures += 1;
+                }
+                None
+            }
+        }
+    }
+
+    fn run_actions(&mut self, id: EndpointId, host: Option<&dyn HostPort>) {
+        let now = Instant::now();
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        // Actions may produce more actions: work on a second buffer so both
+        // keep their capacity (no allocation per turn).
+        let mut actions = std::mem::take(&mut ep.spare);
+        loop {
+            let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+                break;
+            };
+            if ep.out.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut actions, &mut ep.out);
+            for a in actions.drain(..) {
+                match a {
+                    Action::Send { dest, payload } => self.send(id, dest, payload),
+                    Action::Deliver(slot) => {
+                        if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
+                            ep.deliver(slot, host, now);
+                        }
+                    }
+                    Action::Release(slot) | Action::Dropped(Some(slot), _) => {
+                        if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
+                            ep.pool_free.push(slot);
+                        }
+                    }
+                    Action::Dropped(None, _) => {}
+                    Action::QueryPath(dgid) => self.query_path(id, dgid),
+                    Action::Join { mgid, send_only } => self.join(id, mgid, send_only, now),
+                }
+            }
+        }
+        if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
+            ep.spare = actions;
+            if let Some(g) = ep.guest.as_mut()
+                && g.tr.take_addresses_changed()
+            {
+                let (v4, v6) = split_families(g.tr.addresses());
+                ep.engine.set_addresses(v4, v6, &mut ep.out);
+                if !ep.out.is_empty() {
+                    self.run_actions(id, host);
+                }
+            }
+        }
+    }
+
+    fn query_path(&mut self, id: EndpointId, dgid: [u8; 16]) {
+        let tclass = self.bcast.map_or(0, |b| b.tclass);
+        let req = sa::path_query(self.gid, dgid, self.pkey, tclass);
+        if !self.sa_start(req, id, SaOp::Path(dgid))
+            && let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut)
+        {
+            ep.engine.path_failed(dgid, &mut ep.out);
+        }
+    }
+
+    fn join(&mut self, id: EndpointId, g: [u8; 16], send_only: bool, now: Instant) {
+        let state = if send_only {
+            join::SEND_ONLY_FULL
+        } else {
+            join::FULL
+        };
+        let params = self.bcast;
+        let req = sa::mc_join(g, self.gid, self.pkey, state, params.as_ref());
+        let op = SaOp::Join {
+            mgid: g,
+            send_only,
+            state,
+        };
+        if !self.sa_start(req, id, op)
+            && let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut)
+        {
+            ep.engine.join_failed(g, now, &mut ep.out);
+        }
+    }
+
+    /// Sends an SA request without waiting; the answer comes through
+    /// [`Link::serve_sa`].
+    fn sa_start(&mut self, mad: [u8; 256], id: EndpointId, op: SaOp) -> bool {
+        let d = MadDest {
+            dlid: self.sm_lid,
+            dqpn: 1,
+            sl: 0,
+        };
+        let Some(gsi) = self.gsi.as_mut() else {
+            return false;
+        };
+        match gsi.start(
+            self.hca.transport(),
+            Instant::now(),
+            mad,
+            d,
+            SA_TIMEOUT,
+            SA_TRIES,
+        ) {
+            Ok(tid) => {
+                self.sa_pending.insert(tid, (id, op));
+                true
+            }
+            Err(e) => {
+                tracing::info!("sending an SA request failed: {e:?}");
+                if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
+                    ep.counters.sa_failures += 1;
+                }
+                false
+            }
+        }
+    }
+
+    /// Whether SA answers are awaited (the caller should wake up soon: the
+    /// GSI completion queues are polled, not armed).
+    pub fn sa_pending(&self) -> bool {
+        !self.sa_pending.is_empty()
+    }
+
+    /// Collects SA answers and time-outs and hands them to the engines.
+    fn serve_sa(&mut self) {
+        if self.sa_pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let Some(gsi) = self.gsi.as_mut() else { return };
+        let ev = gsi.process(self.hca.transport(), now);
+        for (tid, mad) in ev.responses {
+            let Some((id, op)) = self.sa_pending.remove(&tid) else {
+                continue; // flushed since
+            };
+            if MadHeader::parse(&mad).status == 0 {
+                self.sa_succeeded(id, op, &mad);
+            } else {
+                self.sa_failed(id, op, now);
+            }
+            self.run_actions(id, None);
+        }
+        for tid in ev.timeouts {
+            if let Some((id, op)) = self.sa_pending.remove(&tid) {
+                self.sa_failed(id, op, now);
+                self.run_actions(id, None);
+            }
+        }
+    }
+
+    fn sa_failed(&mut self, id: EndpointId, op: SaOp, now: Instant) {
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        ep.counters.sa_failures += 1;
+        match op {
+            SaOp::Path(dgid) => ep.engine.path_failed(dgid, &mut ep.out),
+            SaOp::Join { mgid, .. } => ep.engine.join_failed(mgid, now, &mut ep.out),
+        }
+    }
+
+    fn sa_succeeded(&mut self, id: EndpointId, op: SaOp, mad: &[u8; 256]) {
+        let qkey = self.bcast.map_or(QKEY_DEFAULT, |b| b.qkey);
+        match op {
+            SaOp::Path(dgid) => {
+                let p = PathRecord::parse(&mad[sa::SA_DATA..]);
+                let av = AddressVector {
+                    dqpn: 0,
+                    qkey,
+                    dlid: p.dlid,
+                    sl: p.sl,
+                    ..AddressVector::default()
+                };
+                let now = Instant::now();
+                if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
+                    ep.engine.path_resolved(dgid, av, now, &mut ep.out);
+                }
+            }
+            SaOp::Join {
+                mgid: g,
+                send_only,
+                state,
+            } => {
+                let rec = McMemberRecord::parse(&mad[sa::SA_DATA..]);
+                let m = self.joined.entry(g).or_insert(Membership {
+                    state: 0,
+                    users: Vec::new(),
+                });
+                m.state |= state;
+                if !m.users.contains(&id) {
+                    m.users.push(id);
+                }
+                let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+                    return;
+                };
+                if g == ep.engine.broadcast_mgid() {
+                    if let Some(qp) = ep.qp.as_mut()
+                        && let Err(e) = qp.set_qkey(&mut self.hca, rec.qkey)
+                    {
+                        tracing::warn!("setting the broadcast Q_Key: {e}");
+                    }
+                    self.bcast = Some(rec);
+                    let mtu = Datagram::<AddressVector, usize>::mtu_for(rec.mtu).unwrap_or(2044);
+                    if let Some(g) = ep.guest.as_mut() {
+                        g.tr.set_mtu(mtu);
+                    }
+                }
+                if !send_only
+                    && !ep.attached.contains(&g)
+                    && let Some(qp) = ep.qp.as_ref()
+                {
+                    match qp.attach(&mut self.hca, g) {
+                        Ok(()) => ep.attached.push(g),
+                        Err(e) => tracing::warn!("attaching to a multicast group: {e}"),
+                    }
+                }
+                let av = AddressVector {
+                    dqpn: 0xFF_FFFF,
+                    qkey: rec.qkey,
+                    dlid: rec.mlid,
+                    sl: rec.sl,
+                    grh: Some(Grh {
+                        dgid: g,
+                        hop_limit: rec.hop_limit,
+                        tclass: rec.tclass,
+                        flow_label: rec.flow_label,
+                        sgid_index: 0,
+                    }),
+                    ..AddressVector::default()
+                };
+                ep.engine.joined(g, av, &mut ep.out);
+            }
+        }
+    }
+
+    fn send(&mut self, id: EndpointId, dest: Dest<AddressVector>, payload: Payload<usize>) {
+        let mtu = self.mtu() as usize;
+        let offload = self.offload;
+        let lkey = self.hca.lkey();
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        let t = self.hca.transport();
+        ep.send(t, lkey, mtu, offload, dest, payload);
+    }
+
+    /// Leaves every group, destroys every HCA object and shuts the HCA
+    /// down.
+    pub fn shutdown(mut self) -> TeardownReport {
+        let joined: Vec<_> = self.joined.drain().collect();
+        for (g, m) in joined {
+            let _ = self.sa(sa::mc_leave(g, self.gid, m.state));
+        }
+        let mut errors = Vec::new();
+        let eps = std::mem::take(&mut self.eps);
+        for ep in eps.into_iter().flatten() {
+            errors.extend(self.destroy_endpoint(ep));
+        }
+        if let Some(gsi) = self.gsi.take()
+            && let Err(e) = gsi.destroy(&mut self.hca)
+        {
+            errors.push(format!("destroying the GSI QP: {e}"));
+        }
+        let mut report = self.hca.shutdown();
+        report.errors.extend(errors);
+        report
+    }
+}
+
+fn split_families(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let v4 = addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let v6 = addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V6(v) => Some(*v),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    (v4, v6)
+}
+
+impl Endpoint {
+    fn post_rx(&mut self, lkey: u32, i: usize) {
+        let (Some(qp), Some(rx)) = (self.qp.as_mut(), self.rx.as_ref()) else {
+            return;
+        };
+        let sge = Sge {
+            addr: rx.iova_at(i * RX_BUF).0,
+            len: RX_BUF as u32,
+            lkey,
+        };
+        if qp.post_recv(&[sge]).is_ok() {
+            self.rx_posted.push_back(i);
+        }
     }
 
     fn reap_sends(&mut self) {
@@ -511,19 +1171,8 @@ impl<T: Transport> Link<T> {
         }
     }
 
-    fn receive(&mut self, host: &dyn HostPort) -> usize {
-        let mut total = 0;
-        for _ in 0..8 {
-            let n = self.receive_batch(host);
-            total += n;
-            if n == 0 {
-                break;
-            }
-        }
-        total
-    }
-
-    fn receive_batch(&mut self, host: &dyn HostPort) -> usize {
+    /// Reaps up to one batch of receive completions into the engine.
+    fn receive_batch(&mut self, lkey: u32) -> usize {
         let Some(rcq) = self.rcq.as_mut() else {
             return 0;
         };
@@ -533,6 +1182,12 @@ impl<T: Transport> Link<T> {
             return 0;
         }
         let now = Instant::now();
+        // A guest's packets land past room for the Ethernet header.
+        let start = if self.guest.is_some() {
+            eth::ETH_HLEN
+        } else {
+            0
+        };
         for c in &buf[..n] {
             let Some(i) = self.rx_posted.pop_front() else {
                 break;
@@ -542,7 +1197,7 @@ impl<T: Transport> Link<T> {
             }
             if c.error.is_some() {
                 self.counters.rx_errors += 1;
-                self.post_rx(i);
+                self.post_rx(lkey, i);
                 continue;
             }
             let len = (c.byte_cnt as usize).clamp(40, RX_BUF) - 40;
@@ -550,305 +1205,202 @@ impl<T: Transport> Link<T> {
             self.counters.rx_bytes += len as u64;
             if len < engine::IPOIB_HEADER_LEN {
                 self.counters.rx_errors += 1;
-                self.post_rx(i);
+                self.post_rx(lkey, i);
                 continue;
             }
             let Some(slot) = self.pool_free.pop() else {
                 self.counters.rx_no_buffer += 1;
-                self.post_rx(i);
+                self.post_rx(lkey, i);
                 continue;
             };
-            let mut dgid0 = [0u8; 1];
+            let mut grh = [0u8; 40];
             let body = len.saturating_sub(engine::IPOIB_HEADER_LEN);
             let mut hdr = [0u8; engine::IPOIB_HEADER_LEN];
+            let data = start + VNET_HDR_LEN_MRG;
             if let Some(rx) = self.rx.as_ref() {
-                rx.read(i * RX_BUF + 24, &mut dgid0);
+                rx.read(i * RX_BUF, &mut grh);
                 rx.read(i * RX_BUF + 40, &mut hdr);
-                let host = &mut self.pool[slot];
-                host[..VNET_HDR_LEN_MRG].fill(0);
-                rx.read(
-                    i * RX_BUF + 44,
-                    &mut host[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + body],
-                );
+                let p = &mut self.pool[slot];
+                p[start..data].fill(0);
+                rx.read(i * RX_BUF + 44, &mut p[data..data + body]);
             }
-            self.post_rx(i);
-            self.pool_len[slot] = VNET_HDR_LEN_MRG + body;
+            self.post_rx(lkey, i);
+            let has_grh = c.grh();
+            let multicast = has_grh && grh[24] == 0xFF;
+            let ty = u16::from_be_bytes([hdr[0], hdr[1]]);
+            let mut sgid = [0u8; 16];
+            sgid.copy_from_slice(&grh[8..24]);
+            self.slots[slot] = Slot {
+                start,
+                end: data + body,
+                ty,
+                from: Some(Sender {
+                    slid: c.slid,
+                    sqpn: c.src_qpn(),
+                    sgid: has_grh.then_some(sgid),
+                    multicast,
+                }),
+            };
             let src = Source {
                 slid: c.slid,
                 sqpn: c.src_qpn(),
-                multicast: c.grh() && dgid0[0] == 0xFF,
+                multicast,
             };
-            let ty = u16::from_be_bytes([hdr[0], hdr[1]]);
-            let bytes = &self.pool[slot][VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + body];
+            let bytes = &self.pool[slot][data..data + body];
             self.engine
                 .receive(src, ty, bytes, slot, now, &mut self.out);
         }
         if let Some(qp) = self.qp.as_mut() {
             qp.ring_rq();
         }
-        self.run_actions(Some(host));
         n
     }
 
-    fn read_host(&mut self, host: &dyn HostPort) -> usize {
-        let now = Instant::now();
-        let mut read = 0;
-        for _ in 0..64 {
-            // Back-pressure: with the send queue nearly full, leave packets
-            // in the TUN queue rather than drop them.
-            if self.tx_free.len() < 8 {
-                self.reap_sends();
-                if self.tx_free.len() < 8 {
-                    break;
-                }
-            }
-            let Some(slot) = self.pool_free.pop() else {
-                break;
+    /// Takes a packet of `n` bytes just read into pool buffer `slot` from
+    /// the host side into the engine.
+    fn accept(&mut self, slot: usize, n: usize, now: Instant) {
+        let Some(g) = self.guest.as_mut() else {
+            self.slots[slot] = Slot {
+                start: 0,
+                end: n,
+                ..Slot::default()
             };
-            match host.recv(&mut self.pool[slot]) {
-                Ok(n) if n > VNET_HDR_LEN_MRG => {
-                    read += 1;
-                    self.pool_len[slot] = n;
-                    let bytes = &self.pool[slot][VNET_HDR_LEN_MRG..n];
-                    self.engine.transmit(bytes, slot, now, &mut self.out);
-                }
-                Ok(_) => self.pool_free.push(slot),
-                Err(e) => {
-                    self.pool_free.push(slot);
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::warn!("reading the host interface: {e}");
-                    }
-                    break;
-                }
-            }
-            if self.out.len() > 32 {
-                self.run_actions(Some(host));
-            }
-        }
-        read
-    }
-
-    fn sa(&mut self, mad: [u8; 256]) -> Option<[u8; 256]> {
-        let d = MadDest {
-            dlid: self.sm_lid,
-            dqpn: 1,
-            sl: 0,
-        };
-        let gsi = self.gsi.as_mut()?;
-        match gsi.transact(&mut self.hca, mad, d, SA_TIMEOUT, SA_TRIES) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::info!("SA transaction failed: {e}");
-                self.counters.sa_failures += 1;
-                None
-            }
-        }
-    }
-
-    fn run_actions(&mut self, host: Option<&dyn HostPort>) {
-        let now = Instant::now();
-        // Actions may produce more actions: work on a second buffer so both
-        // keep their capacity (no allocation per turn).
-        let mut actions = std::mem::take(&mut self.spare);
-        while !self.out.is_empty() {
-            std::mem::swap(&mut actions, &mut self.out);
-            for a in actions.drain(..) {
-                match a {
-                    Action::Send { dest, payload } => self.send(dest, payload),
-                    Action::Deliver(slot) => {
-                        if let Some(host) = host {
-                            let n = self.pool_len[slot];
-                            match host.send(&self.pool[slot][..n]) {
-                                Ok(_) => self.counters.rx_delivered += 1,
-                                Err(e) => tracing::debug!("writing to the host: {e}"),
-                            }
-                        }
-                        self.pool_free.push(slot);
-                    }
-                    Action::Release(slot) | Action::Dropped(Some(slot), _) => {
-                        self.pool_free.push(slot)
-                    }
-                    Action::Dropped(None, _) => {}
-                    Action::QueryPath(dgid) => self.query_path(dgid, now),
-                    Action::Join { mgid, send_only } => self.join(mgid, send_only, now),
-                }
-            }
-        }
-        self.spare = actions;
-    }
-
-    fn query_path(&mut self, dgid: [u8; 16], _now: Instant) {
-        let tclass = self.bcast.map_or(0, |b| b.tclass);
-        let req = sa::path_query(self.gid, dgid, self.pkey, tclass);
-        if !self.sa_start(req, SaOp::Path(dgid)) {
-            self.engine.path_failed(dgid, &mut self.out);
-        }
-    }
-
-    fn join(&mut self, g: [u8; 16], send_only: bool, now: Instant) {
-        let state = if send_only {
-            join::SEND_ONLY_FULL
-        } else {
-            join::FULL
-        };
-        let params = self.bcast;
-        let req = sa::mc_join(g, self.gid, self.pkey, state, params.as_ref());
-        let op = SaOp::Join {
-            mgid: g,
-            send_only,
-            state,
-        };
-        if !self.sa_start(req, op) {
-            self.engine.join_failed(g, now, &mut self.out);
-        }
-    }
-
-    /// Sends an SA request without waiting; the answer comes through
-    /// [`Link::serve_sa`].
-    fn sa_start(&mut self, mad: [u8; 256], op: SaOp) -> bool {
-        let d = MadDest {
-            dlid: self.sm_lid,
-            dqpn: 1,
-            sl: 0,
-        };
-        let Some(gsi) = self.gsi.as_mut() else {
-            return false;
-        };
-        match gsi.start(
-            self.hca.transport(),
-            Instant::now(),
-            mad,
-            d,
-            SA_TIMEOUT,
-            SA_TRIES,
-        ) {
-            Ok(tid) => {
-                self.sa_pending.insert(tid, op);
-                true
-            }
-            Err(e) => {
-                tracing::info!("sending an SA request failed: {e:?}");
-                self.counters.sa_failures += 1;
-                false
-            }
-        }
-    }
-
-    /// Whether SA answers are awaited (the caller should wake up soon: the
-    /// GSI completion queues are polled, not armed).
-    pub fn sa_pending(&self) -> bool {
-        !self.sa_pending.is_empty()
-    }
-
-    /// Collects SA answers and time-outs and hands them to the engine.
-    fn serve_sa(&mut self) {
-        if self.sa_pending.is_empty() {
+            let bytes = &self.pool[slot][VNET_HDR_LEN_MRG..n];
+            self.engine.transmit(bytes, slot, now, &mut self.out);
             return;
-        }
-        let now = Instant::now();
-        let Some(gsi) = self.gsi.as_mut() else { return };
-        let ev = gsi.process(self.hca.transport(), now);
-        for (tid, mad) in ev.responses {
-            let Some(op) = self.sa_pending.remove(&tid) else {
-                continue; // flushed since
-            };
-            if MadHeader::parse(&mad).status == 0 {
-                self.sa_succeeded(op, &mad, now);
-            } else {
-                self.sa_failed(op, now);
-            }
-        }
-        for tid in ev.timeouts {
-            if let Some(op) = self.sa_pending.remove(&tid) {
-                self.sa_failed(op, now);
-            }
-        }
-    }
-
-    fn sa_failed(&mut self, op: SaOp, now: Instant) {
-        self.counters.sa_failures += 1;
-        match op {
-            SaOp::Path(dgid) => self.engine.path_failed(dgid, &mut self.out),
-            SaOp::Join { mgid, .. } => self.engine.join_failed(mgid, now, &mut self.out),
-        }
-    }
-
-    fn sa_succeeded(&mut self, op: SaOp, mad: &[u8; 256], now: Instant) {
-        match op {
-            SaOp::Path(dgid) => {
-                let p = PathRecord::parse(&mad[sa::SA_DATA..]);
-                let av = AddressVector {
-                    dqpn: 0,
-                    qkey: self.bcast.map_or(QKEY_DEFAULT, |b| b.qkey),
-                    dlid: p.dlid,
-                    sl: p.sl,
-                    ..AddressVector::default()
+        };
+        let p = &mut self.pool[slot];
+        let frame = &p[VNET_HDR_LEN_MRG..n];
+        match g.tr.from_guest(frame, &mut g.scratch, now) {
+            Ok(GuestTx::Forward { to, ethertype }) => {
+                // The virtio-net header moves to just before the IP packet,
+                // its offsets without the Ethernet header.
+                let hdr = VnetHdr::parse(&p[..VNET_HDR_LEN_MRG])
+                    .and_then(|h| h.without_link_header(eth::ETH_HLEN as u16));
+                let Some(hdr) = hdr else {
+                    self.counters.tx_bad_offload += 1;
+                    self.pool_free.push(slot);
+                    return;
                 };
-                self.engine.path_resolved(dgid, av, now, &mut self.out);
-            }
-            SaOp::Join {
-                mgid: g,
-                send_only,
-                state,
-            } => {
-                let rec = McMemberRecord::parse(&mad[sa::SA_DATA..]);
-                self.joined.push((g, state));
-                if g == self.engine.broadcast_mgid() {
-                    if let Some(qp) = self.qp.as_mut()
-                        && let Err(e) = qp.set_qkey(&mut self.hca, rec.qkey)
-                    {
-                        tracing::warn!("setting the broadcast Q_Key: {e}");
-                    }
-                    self.bcast = Some(rec);
-                }
-                if !send_only && let Some(qp) = self.qp.as_ref() {
-                    match qp.attach(&mut self.hca, g) {
-                        Ok(()) => self.attached.push(g),
-                        Err(e) => tracing::warn!("attaching to a multicast group: {e}"),
-                    }
-                }
-                let av = AddressVector {
-                    dqpn: 0xFF_FFFF,
-                    qkey: rec.qkey,
-                    dlid: rec.mlid,
-                    sl: rec.sl,
-                    grh: Some(Grh {
-                        dgid: g,
-                        hop_limit: rec.hop_limit,
-                        tclass: rec.tclass,
-                        flow_label: rec.flow_label,
-                        sgid_index: 0,
-                    }),
-                    ..AddressVector::default()
+                let at = eth::ETH_HLEN;
+                let mut h = [0u8; 10];
+                hdr.write(&mut h);
+                p[at..at + 10].copy_from_slice(&h);
+                p[at + 10..at + VNET_HDR_LEN_MRG].fill(0);
+                self.slots[slot] = Slot {
+                    start: at,
+                    end: n,
+                    ..Slot::default()
                 };
-                self.engine.joined(g, av, &mut self.out);
+                self.engine
+                    .send_to(to, Payload::Host(slot, ethertype), now, &mut self.out);
             }
+            Ok(GuestTx::Rewritten { to, ethertype, len }) => {
+                p[..VNET_HDR_LEN_MRG].fill(0);
+                p[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + len].copy_from_slice(&g.scratch[..len]);
+                self.slots[slot] = Slot {
+                    start: 0,
+                    end: VNET_HDR_LEN_MRG + len,
+                    ..Slot::default()
+                };
+                self.engine
+                    .send_to(to, Payload::Host(slot, ethertype), now, &mut self.out);
+            }
+            // Counted by the translator.
+            Err(_) => self.pool_free.push(slot),
         }
     }
 
-    fn send(&mut self, dest: Dest<AddressVector>, payload: Payload<usize>) {
+    /// Hands a received packet to the host side (the TUN device, or the
+    /// guest after translation) and frees its buffer.
+    fn deliver(&mut self, slot: usize, host: Option<&dyn HostPort>, now: Instant) {
+        let s = self.slots[slot];
+        let p = &mut self.pool[slot];
+        let frame = match self.guest.as_mut() {
+            None => {
+                let Some(host) = host else {
+                    self.pool_free.push(slot);
+                    return;
+                };
+                match host.send(&p[s.start..s.end]) {
+                    Ok(_) => self.counters.rx_delivered += 1,
+                    Err(e) => tracing::debug!("writing to the host: {e}"),
+                }
+                self.pool_free.push(slot);
+                return;
+            }
+            Some(g) => {
+                let data = s.start + VNET_HDR_LEN_MRG;
+                let from = s.from.unwrap_or(Sender {
+                    slid: 0,
+                    sqpn: 0,
+                    sgid: None,
+                    multicast: false,
+                });
+                match g
+                    .tr
+                    .to_guest(from, s.ty, &p[data..s.end], &mut g.scratch, now)
+                {
+                    Ok(GuestRx::Header(h)) => {
+                        // vnet header, then Ethernet header, then the packet
+                        // where the HCA's data was copied.
+                        p[..VNET_HDR_LEN_MRG].fill(0);
+                        p[VNET_HDR_LEN_MRG..data].copy_from_slice(&h);
+                        let min = VNET_HDR_LEN_MRG + eth::ETH_MIN_FRAME;
+                        if s.end < min {
+                            p[s.end..min].fill(0);
+                        }
+                        Some(s.end.max(min))
+                    }
+                    Ok(GuestRx::Rewritten(n)) => {
+                        p[..VNET_HDR_LEN_MRG].fill(0);
+                        p[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + n].copy_from_slice(&g.scratch[..n]);
+                        Some(VNET_HDR_LEN_MRG + n)
+                    }
+                    Err(_) => None,
+                }
+                .map(|end| (end, &*g.port))
+            }
+        };
+        if let Some((end, port)) = frame {
+            match port.send(&p[..end]) {
+                Ok(_) => self.counters.rx_delivered += 1,
+                Err(e) => {
+                    self.counters.rx_no_buffer += 1;
+                    tracing::debug!("writing to a guest: {e}");
+                }
+            }
+        }
+        self.pool_free.push(slot);
+    }
+
+    fn send<T: Transport>(
+        &mut self,
+        t: &T,
+        lkey: u32,
+        mtu: usize,
+        offload: bool,
+        dest: Dest<AddressVector>,
+        payload: Payload<usize>,
+    ) {
         let ty = payload.ethertype();
         let (plan, len) = match &payload {
             Payload::Host(p, _) => {
-                let n = self.pool_len[*p];
-                let hdr = VnetHdr::parse(&self.pool[*p][..n]).unwrap_or_default();
-                let plan = vnet::plan(&hdr, &self.pool[*p][VNET_HDR_LEN_MRG..n]);
-                (plan, n.saturating_sub(VNET_HDR_LEN_MRG))
+                let s = self.slots[*p];
+                let b = &self.pool[*p][s.start..s.end];
+                let hdr = VnetHdr::parse(b).unwrap_or_default();
+                let packet = &b[VNET_HDR_LEN_MRG.min(b.len())..];
+                (vnet::plan(&hdr, packet), packet.len())
             }
             Payload::Control(c) => (Ok(TxPlan::Plain), c.bytes().len()),
         };
-        let release = |link: &mut Self, payload: Payload<usize>| {
-            if let Payload::Host(p, _) = payload {
-                link.pool_free.push(p);
-            }
-        };
         let plan = match plan {
             Ok(TxPlan::Plain) => TxPlan::Plain,
-            Ok(p) if self.offload => p,
+            Ok(p) if offload => p,
             // Offloads asked for but not offered to the host: refuse.
             Ok(_) | Err(_) => {
                 self.counters.tx_bad_offload += 1;
-                release(self, payload);
+                self.release(payload);
                 return;
             }
         };
@@ -856,11 +1408,11 @@ impl<T: Transport> Link<T> {
             TxPlan::Lso { mss, headers, .. } => headers + usize::from(mss),
             _ => len,
         };
-        if wire_max > self.mtu() as usize {
+        if wire_max > mtu {
             // A UD send longer than the path MTU would fail on the HCA and
             // take the QP to the error state; Linux drops these too.
             self.counters.tx_too_big += 1;
-            release(self, payload);
+            self.release(payload);
             return;
         }
         let av = match dest {
@@ -872,7 +1424,7 @@ impl<T: Transport> Link<T> {
         }
         let Some(slot) = self.tx_free.pop() else {
             self.counters.tx_no_buffer += 1;
-            release(self, payload);
+            self.release(payload);
             return;
         };
         let mut hdr = [0u8; engine::IPOIB_HEADER_LEN];
@@ -880,17 +1432,17 @@ impl<T: Transport> Link<T> {
         let (Some(tx), Some(qp)) = (self.tx.as_ref(), self.qp.as_mut()) else {
             // Only after shutdown began; nothing is lost that was not going.
             self.tx_free.push(slot);
-            release(self, payload);
+            self.release(payload);
             return;
         };
         let base = slot * TX_SLOT;
-        let lkey = self.hca.lkey();
         let mut inline = [0u8; vnet::MAX_LSO_HEADERS];
         let (sge, off) = match (&payload, plan) {
             (Payload::Host(p, _), TxPlan::Lso { mss, headers, v4 }) => {
                 // The headers go inline in the WQE; the gather list holds
                 // the TCP payload only.
-                let pkt = &self.pool[*p][VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + len];
+                let s = self.slots[*p];
+                let pkt = &self.pool[*p][s.start + VNET_HDR_LEN_MRG..s.end];
                 inline[..hdr.len()].copy_from_slice(&hdr);
                 inline[hdr.len()..hdr.len() + headers].copy_from_slice(&pkt[..headers]);
                 let data = &pkt[headers..len.min(headers + TX_SLOT)];
@@ -914,8 +1466,9 @@ impl<T: Transport> Link<T> {
                 tx.write(base, &hdr);
                 let body: &[u8] = match payload {
                     Payload::Host(p, _) => {
-                        &self.pool[*p]
-                            [VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + len.min(TX_SLOT - hdr.len())]
+                        let s = self.slots[*p];
+                        let from = s.start + VNET_HDR_LEN_MRG;
+                        &self.pool[*p][from..from + len.min(TX_SLOT - hdr.len())]
                     }
                     Payload::Control(c) => c.bytes(),
                 };
@@ -946,12 +1499,9 @@ impl<T: Transport> Link<T> {
         } else {
             qp.post_send_ud_offload(&av, &[sge], true, &off)
         };
-        if let Payload::Host(p, _) = payload {
-            self.pool_free.push(p);
-        }
         match posted {
             Ok(_) => {
-                qp.ring_sq(self.hca.transport());
+                qp.ring_sq(t);
                 self.tx_inflight.push_back(slot);
                 self.counters.tx_packets += 1;
                 self.counters.tx_bytes += len as u64 + hdr.len() as u64;
@@ -961,41 +1511,12 @@ impl<T: Transport> Link<T> {
                 self.counters.tx_no_buffer += 1;
             }
         }
+        self.release(payload);
     }
 
-    /// Leaves every group, destroys every HCA object and shuts the HCA
-    /// down.
-    pub fn shutdown(mut self) -> TeardownReport {
-        let joined = std::mem::take(&mut self.joined);
-        for (g, state) in joined {
-            let _ = self.sa(sa::mc_leave(g, self.gid, state));
+    fn release(&mut self, payload: Payload<usize>) {
+        if let Payload::Host(p, _) = payload {
+            self.pool_free.push(p);
         }
-        let mut errors = Vec::new();
-        if let Some(qp) = self.qp.take() {
-            for g in std::mem::take(&mut self.attached) {
-                let _ = qp.detach(&mut self.hca, g);
-            }
-            if let Err(e) = qp.destroy(&mut self.hca) {
-                errors.push(format!("destroying the QP: {e}"));
-            }
-        }
-        for cq in [self.scq.take(), self.rcq.take()].into_iter().flatten() {
-            if let Err(e) = cq.destroy(&mut self.hca) {
-                errors.push(format!("destroying a CQ: {e}"));
-            }
-        }
-        if let Some(gsi) = self.gsi.take()
-            && let Err(e) = gsi.destroy(&mut self.hca)
-        {
-            errors.push(format!("destroying the GSI QP: {e}"));
-        }
-        for b in [self.rx.take(), self.tx.take()].into_iter().flatten() {
-            if let Err(e) = self.hca.free_dma(b) {
-                errors.push(format!("freeing DMA memory: {e}"));
-            }
-        }
-        let mut report = self.hca.shutdown();
-        report.errors.extend(errors);
-        report
     }
 }

@@ -55,6 +55,28 @@ impl VnetHdr {
             csum_offset: le(8),
         })
     }
+
+    /// Writes the first 10 bytes (`num_buffers` is left alone).
+    pub fn write(&self, b: &mut [u8; 10]) {
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+    }
+
+    /// The same header for the packet without its first `n` bytes (a
+    /// guest's Ethernet header): offsets move back by `n`. `None` if the
+    /// checksum would start inside the removed bytes.
+    pub fn without_link_header(&self, n: u16) -> Option<VnetHdr> {
+        let mut h = *self;
+        if h.flags & F_NEEDS_CSUM != 0 {
+            h.csum_start = h.csum_start.checked_sub(n)?;
+        }
+        h.hdr_len = h.hdr_len.saturating_sub(n);
+        Some(h)
+    }
 }
 
 /// How to send one host packet.
@@ -238,5 +260,30 @@ mod tests {
         let mut short_ihl = tcp4(100);
         short_ihl[0] = 0x41;
         assert_eq!(plan(&tso, &short_ihl), Err(PlanError::NotTcp));
+    }
+
+    #[test]
+    fn guest_headers_lose_the_ethernet_header() {
+        // virtio 1.x §5.1.6.2: csum_start counts from the start of the
+        // frame, so a guest's includes its 14-byte Ethernet header.
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 66,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let l3 = h.without_link_header(14).unwrap();
+        assert_eq!((l3.csum_start, l3.hdr_len, l3.csum_offset), (20, 52, 16));
+        let bad = VnetHdr {
+            csum_start: 10,
+            ..h
+        };
+        assert_eq!(bad.without_link_header(14), None);
+        let mut b = [0u8; 10];
+        l3.write(&mut b);
+        assert_eq!(b, [1, 1, 52, 0, 0xa8, 0x05, 20, 0, 16, 0]);
+        assert_eq!(VnetHdr::parse(&b), Some(l3));
     }
 }
