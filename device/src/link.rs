@@ -860,10 +860,7 @@ impl<T: Transport> Link<T> {
         // Actions may produce more actions: work on a second buffer so both
         // keep their capacity (no allocation per turn).
         let mut actions = std::mem::take(&mut ep.spare);
-        loop {
-            let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
-                break;
-            };
+        while let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
             if ep.out.is_empty() {
                 break;
             }
