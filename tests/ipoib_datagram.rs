@@ -11,10 +11,12 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipoib_device::engine::datagram::DropReason;
+use ipoib_device::engine::eth::Mac;
 use ipoib_device::engine::mgid;
 use ipoib_device::link::{HostPort, Link};
 use ipoib_sim::{Fabric, FabricConfig, SimConfig, SimHca};
@@ -47,6 +49,19 @@ impl HostPort for Queues {
     fn send(&self, buf: &[u8]) -> io::Result<usize> {
         self.from_link.borrow_mut().push(buf.to_vec());
         Ok(buf.len())
+    }
+}
+
+/// A guest's side, shared between the test and the interface.
+struct Shared(Rc<Queues>);
+
+impl HostPort for Shared {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.recv(buf)
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf)
     }
 }
 
@@ -276,4 +291,116 @@ fn check_capture(pcap: &std::path::Path) {
     );
     let experts = run(&["-q", "-z", "expert,error"]);
     assert!(!experts.contains("Error"), "expert errors:\n{experts}");
+}
+
+const GUEST_MAC: Mac = Mac([0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
+
+/// An Ethernet frame behind a zero virtio-net header.
+fn eth_frame(dst: Mac, src: Mac, ty: u16, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN_MRG];
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.0);
+    f.extend_from_slice(&ty.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// An Ethernet ARP body (RFC 826).
+fn eth_arp(op: u16, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut b = vec![0x00, 0x01, 0x08, 0x00, 6, 4];
+    b.extend_from_slice(&op.to_be_bytes());
+    b.extend_from_slice(&sha.0);
+    b.extend_from_slice(&spa.octets());
+    b.extend_from_slice(&tha.0);
+    b.extend_from_slice(&tpa.octets());
+    b
+}
+
+/// Runs both hosts until the guest has received `n` frames (or 5 s pass).
+fn until_guest_has(a: &mut Host, b: &mut Host, guest: &Queues, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while guest.from_link.borrow().len() < n && Instant::now() < deadline {
+        run(&mut [a, b], Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn guest_vnic_talks_to_a_remote_host_through_the_translation() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (a4, g4) = (Ipv4Addr::new(10, 3, 0, 1), Ipv4Addr::new(10, 3, 0, 9));
+    let b4 = Ipv4Addr::new(10, 3, 0, 2);
+    let mut a = Host::new(&fabric, 0x0002_c903_0000_0d00, &[a4.into()]);
+    let mut b = Host::new(&fabric, 0x0002_c903_0000_0e00, &[b4.into()]);
+    let guest = Rc::new(Queues::default());
+    let id = b
+        .link
+        .add_guest(GUEST_MAC, Vec::new(), Box::new(Shared(guest.clone())))
+        .unwrap();
+    run(&mut [&mut a, &mut b], Duration::from_millis(100));
+    let info = b.link.guest(id).unwrap();
+    assert_ne!(info.hw.qpn(), b.link.hw_addr().qpn(), "a QP of its own");
+    assert_eq!(info.hw.gid(), b.link.hw_addr().gid(), "on the same port");
+
+    // The guest asks for a by ARP; a answers; the answer comes back in
+    // Ethernet form from a synthetic MAC.
+    let req = eth_arp(1, GUEST_MAC, g4, Mac::default(), a4);
+    guest
+        .to_link
+        .borrow_mut()
+        .push_back(eth_frame(Mac::BROADCAST, GUEST_MAC, 0x0806, &req));
+    until_guest_has(&mut a, &mut b, &guest, 1);
+    let reply = guest.from_link.borrow()[0][VNET_HDR_LEN_MRG..].to_vec();
+    assert_eq!(&reply[0..6], &GUEST_MAC.0, "to the guest");
+    assert_eq!(&reply[12..14], &[0x08, 0x06]);
+    assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
+    let remac = Mac(reply[22..28].try_into().unwrap());
+    assert_eq!(&reply[6..12], &remac.0);
+    assert_eq!(&reply[28..32], &a4.octets());
+    assert_eq!(remac.0[0] & 0x03, 0x02, "locally administered unicast");
+
+    // IPv4 both ways.
+    let ping = ipv4(g4, a4, b"from the guest");
+    guest
+        .to_link
+        .borrow_mut()
+        .push_back(eth_frame(remac, GUEST_MAC, 0x0800, &ping));
+    until_delivered(&mut b, &mut a, 1);
+    assert_eq!(a.delivered(), [ping.clone()], "a got the guest's packet");
+    // a learned the guest from its ARP request: no resolution needed.
+    let pong = ipv4(a4, g4, b"to the guest");
+    a.send_ip(&pong);
+    until_guest_has(&mut a, &mut b, &guest, 2);
+    let f = guest.from_link.borrow()[1][VNET_HDR_LEN_MRG..].to_vec();
+    assert_eq!(&f[0..6], &GUEST_MAC.0);
+    assert_eq!(&f[6..12], &remac.0);
+    assert_eq!(&f[14..14 + pong.len()], &pong[..]);
+    assert_eq!(f.len(), 60.max(14 + pong.len()), "padded to the minimum");
+
+    // The guest may not send as someone else; the frame is counted.
+    let forged = Mac([0x52, 0x54, 0, 0, 0, 0x66]);
+    guest
+        .to_link
+        .borrow_mut()
+        .push_back(eth_frame(remac, forged, 0x0800, &ping));
+    run(&mut [&mut a, &mut b], Duration::from_millis(20));
+    let info = b.link.guest(id).unwrap();
+    let spoofed = info
+        .eth_drops
+        .iter()
+        .find(|(n, _)| *n == "drop_spoofed_mac");
+    assert_eq!(spoofed, Some(&("drop_spoofed_mac", 1)));
+    assert_eq!(a.delivered().len(), 1);
+    assert_eq!(info.counters.tx_packets, 2, "ARP request and ping");
+    assert_eq!(info.counters.rx_delivered, 2, "ARP reply and pong");
+    assert_eq!(info.addresses, [IpAddr::V4(g4)]);
+
+    // The guest goes; the host endpoint keeps its groups and traffic.
+    assert!(b.link.remove_guest(id).is_empty());
+    assert!(b.link.guest(id).is_none());
+    let after = ipv4(a4, b4, b"still there");
+    a.send_ip(&after);
+    until_delivered(&mut a, &mut b, 1);
+    assert_eq!(b.delivered(), [after]);
+    a.finish();
+    b.finish();
 }
