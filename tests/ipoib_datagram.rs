@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ipoib_device::engine::datagram::DropReason;
 use ipoib_device::engine::eth::Mac;
 use ipoib_device::engine::mgid;
-use ipoib_device::link::{HostPort, Link};
+use ipoib_device::link::{GuestConfig, HostPort, Link};
 use ipoib_sim::{Fabric, FabricConfig, SimConfig, SimHca};
 use mlx5_driver::Hca;
 use mlx5_driver::transport::tun::VNET_HDR_LEN_MRG;
@@ -334,7 +334,14 @@ fn guest_vnic_talks_to_a_remote_host_through_the_translation() {
     let guest = Rc::new(Queues::default());
     let id = b
         .link
-        .add_guest(GUEST_MAC, Vec::new(), Box::new(Shared(guest.clone())))
+        .add_guest(
+            GuestConfig {
+                mac: GUEST_MAC,
+                learn_mac: false,
+                allowed: Vec::new(),
+            },
+            Box::new(Shared(guest.clone())),
+        )
         .unwrap();
     run(&mut [&mut a, &mut b], Duration::from_millis(100));
     let info = b.link.guest(id).unwrap();
@@ -365,7 +372,11 @@ fn guest_vnic_talks_to_a_remote_host_through_the_translation() {
         .borrow_mut()
         .push_back(eth_frame(remac, GUEST_MAC, 0x0800, &ping));
     until_delivered(&mut b, &mut a, 1);
-    assert_eq!(a.delivered(), std::slice::from_ref(&ping), "a got the guest's packet");
+    assert_eq!(
+        a.delivered(),
+        std::slice::from_ref(&ping),
+        "a got the guest's packet"
+    );
     // a learned the guest from its ARP request: no resolution needed.
     let pong = ipv4(a4, g4, b"to the guest");
     a.send_ip(&pong);

@@ -153,6 +153,7 @@ struct Slot {
 /// The Ethernet side of a guest's endpoint.
 struct Guest {
     tr: Translator,
+    learn_mac: bool,
     port: Box<dyn HostPort>,
     scratch: Box<[u8]>,
 }
@@ -197,6 +198,17 @@ struct Endpoint {
     armed: bool,
     counters: LinkCounters,
     guest: Option<Guest>,
+}
+
+/// How a guest's endpoint presents itself.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// The guest's MAC (presented to it; enforced unless `learn_mac`).
+    pub mac: Mac,
+    /// Take the MAC from the guest's first frame (its VMM chose it).
+    pub learn_mac: bool,
+    /// Source addresses the guest may use; empty: learned.
+    pub allowed: Vec<IpAddr>,
 }
 
 /// What `ipoib-tool vms` shows of a guest's endpoint.
@@ -370,7 +382,7 @@ impl<T: Transport> Link<T> {
     fn assemble(
         &mut self,
         parts: Parts,
-        guest: Option<(Mac, Vec<IpAddr>, Box<dyn HostPort>)>,
+        guest: Option<(GuestConfig, Box<dyn HostPort>)>,
     ) -> Endpoint {
         let (scq, rcq, qp, rx, tx) = parts;
         let is_guest = guest.is_some();
@@ -386,10 +398,14 @@ impl<T: Transport> Link<T> {
             guest: is_guest,
         });
         let mtu = self.mtu();
-        let guest = guest.map(|(mac, allowed, port)| Guest {
-            tr: Translator::new(mac, hw, self.pkey, mgid::SCOPE_LINK, mtu, allowed),
-            port,
-            scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+        let guest = guest.map(|(cfg, port)| {
+            let tr = Translator::new(cfg.mac, hw, self.pkey, mgid::SCOPE_LINK, mtu, cfg.allowed);
+            Guest {
+                tr: if cfg.learn_mac { tr.learn_mac() } else { tr },
+                learn_mac: cfg.learn_mac,
+                port,
+                scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+            }
         });
         let mut ep = Endpoint {
             scq: Some(scq),
@@ -421,18 +437,16 @@ impl<T: Transport> Link<T> {
         ep
     }
 
-    /// Adds an endpoint for a guest with MAC `mac` whose Ethernet frames
-    /// come and go through `port`; `allowed` lists the source addresses it
-    /// may use (empty: learned). It joins the broadcast group at once if
-    /// the port is up.
+    /// Adds an endpoint for a guest whose Ethernet frames come and go
+    /// through `port`. It joins the broadcast group at once if the port is
+    /// up.
     pub fn add_guest(
         &mut self,
-        mac: Mac,
-        allowed: Vec<IpAddr>,
+        cfg: GuestConfig,
         port: Box<dyn HostPort>,
     ) -> Result<EndpointId, LinkError> {
         let parts = Self::create_endpoint(&mut self.hca)?;
-        let ep = self.assemble(parts, Some((mac, allowed, port)));
+        let ep = self.assemble(parts, Some((cfg, port)));
         let id = match self.eps.iter().position(Option::is_none) {
             Some(free) => {
                 self.eps[free] = Some(ep);
@@ -447,6 +461,20 @@ impl<T: Transport> Link<T> {
             self.start_endpoint(id);
         }
         Ok(id)
+    }
+
+    /// Another guest took over the endpoint (the VM restarted or
+    /// reconnected): its learned MAC and addresses are forgotten. The QP,
+    /// and so the IPoIB address remote hosts know, stays.
+    pub fn reset_guest(&mut self, id: EndpointId) {
+        if let Some(g) = self
+            .eps
+            .get_mut(id)
+            .and_then(Option::as_mut)
+            .and_then(|e| e.guest.as_mut())
+        {
+            g.tr.reset(g.learn_mac);
+        }
     }
 
     /// Removes a guest's endpoint: its groups are let go (left when no

@@ -341,6 +341,9 @@ fn synthetic_mac(hw: &HwAddr, salt: u8) -> Mac {
 #[derive(Debug)]
 pub struct Translator {
     mac: Mac,
+    /// The MAC is taken from the guest's first frame (it was not
+    /// configured: a VMM such as QEMU gives the guest its own).
+    learn_mac: bool,
     hw: HwAddr,
     pkey: u16,
     scope: u8,
@@ -363,6 +366,7 @@ impl Translator {
     pub fn new(mac: Mac, hw: HwAddr, pkey: u16, scope: u8, mtu: u32, allowed: Vec<IpAddr>) -> Self {
         Self {
             mac,
+            learn_mac: false,
             hw,
             pkey,
             scope,
@@ -379,6 +383,22 @@ impl Translator {
     /// The guest's MAC.
     pub fn mac(&self) -> Mac {
         self.mac
+    }
+
+    /// Takes the guest's MAC from its next frame instead of insisting on
+    /// the one given (until the first frame, that one is presented).
+    pub fn learn_mac(mut self) -> Self {
+        self.learn_mac = true;
+        self
+    }
+
+    /// A new guest behind the same vNIC (the VM restarted or reconnected):
+    /// learned addresses are forgotten and, unless configured, the MAC is
+    /// learned again. The REMACs stay: they are the same for every guest.
+    pub fn reset(&mut self, learn_mac: bool) {
+        self.learn_mac = learn_mac;
+        self.addresses = self.allowed.clone();
+        self.addresses_changed = true;
     }
 
     /// The vNIC's IPoIB address.
@@ -448,7 +468,11 @@ impl Translator {
             return Err(EthDrop::Ethertype);
         }
         if src != self.mac {
-            return Err(EthDrop::SpoofedMac);
+            if !self.learn_mac || src.is_multicast() {
+                return Err(EthDrop::SpoofedMac);
+            }
+            self.mac = src;
+            self.learn_mac = false;
         }
         let body = &frame[ETH_HLEN..];
         match ty {
@@ -1424,5 +1448,33 @@ mod tests {
             t.to_guest(from, 0x88cc, &pkt, &mut out, now),
             Err(EthDrop::Ethertype)
         );
+    }
+
+    #[test]
+    fn an_unconfigured_mac_is_learned_once() {
+        let now = Instant::now();
+        let mut t = translator(Vec::new()).learn_mac();
+        let mut out = [0u8; 128];
+        let qemu_mac = Mac([0x52, 0x54, 0x00, 0x00, 0x00, 0x01]);
+        let mdns = Mac::ipv4_multicast("224.0.0.251".parse().unwrap());
+        let ip = ipv4([10, 0, 0, 1], [224, 0, 0, 251]);
+        assert!(
+            t.from_guest(&frame(mdns, qemu_mac, 0x0800, &ip), &mut out, now)
+                .is_ok()
+        );
+        assert_eq!(t.mac(), qemu_mac);
+        // From then on it is the guest's MAC and nothing else.
+        assert_eq!(
+            t.from_guest(&frame(mdns, GUEST_MAC, 0x0800, &ip), &mut out, now),
+            Err(EthDrop::SpoofedMac)
+        );
+        // A new guest: learned again, addresses forgotten.
+        t.reset(true);
+        assert!(t.addresses().is_empty());
+        assert!(
+            t.from_guest(&frame(mdns, GUEST_MAC, 0x0800, &ip), &mut out, now)
+                .is_ok()
+        );
+        assert_eq!(t.mac(), GUEST_MAC);
     }
 }
