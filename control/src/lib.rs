@@ -52,6 +52,11 @@ pub enum Command {
         /// The interface.
         interface: String,
     },
+    /// The VMs attached to it through vhost-user.
+    Vms {
+        /// The interface.
+        interface: String,
+    },
 }
 
 /// A request.
@@ -126,6 +131,29 @@ pub struct Group {
     pub send_only: bool,
 }
 
+/// A VM's vNIC attached through a vhost-user socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    /// The vhost-user socket.
+    pub socket: String,
+    /// A frontend is connected.
+    pub connected: bool,
+    /// The vNIC's own UD QPN.
+    pub qpn: u32,
+    /// Its 20-byte IPoIB hardware address.
+    pub hw_addr: String,
+    /// The guest's MAC.
+    pub mac: String,
+    /// Addresses the guest uses (configured or learned).
+    pub addresses: Vec<String>,
+    /// virtio features the frontend negotiated.
+    pub features: Vec<String>,
+    /// Remote addresses shown to the guest as synthetic MACs.
+    pub remote_macs: usize,
+    /// Counters: queues, endpoint, and drops by reason.
+    pub counters: Vec<Counter>,
+}
+
 /// What the daemon answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -149,6 +177,11 @@ pub enum Reply {
     Mcg {
         /// Groups.
         groups: Vec<Group>,
+    },
+    /// For `vms`.
+    Vms {
+        /// Attached vNICs.
+        vms: Vec<Vm>,
     },
     /// The request was refused; nothing changed.
     Error {

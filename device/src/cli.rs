@@ -103,6 +103,12 @@ pub enum Command {
         /// besides root (the socket becomes 0660).
         #[arg(long, value_name = "GID")]
         control_group: Option<u32>,
+        /// Serve VMs on a vhost-user-net socket: IF=SOCKET[,mac=MAC][,ip=ADDRESS]...
+        /// (repeatable; one vNIC, with a UD QP of its own, per socket). Without
+        /// mac= the guest's MAC is learned from its frames; without ip= its
+        /// source addresses are learned (at most 16).
+        #[arg(long = "vhost-user", value_name = "IF=SOCKET")]
+        vhost_user: Vec<String>,
     },
 }
 
@@ -182,6 +188,7 @@ pub fn main() -> ExitCode {
             wait_active,
             control,
             control_group,
+            vhost_user,
         } => {
             let file = match config.as_deref().map(crate::config::FileConfig::load) {
                 None => crate::config::FileConfig::default(),
@@ -232,6 +239,33 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let vhost_user = if vhost_user.is_empty() {
+                iface
+                    .vhost_user
+                    .iter()
+                    .map(|v| v.spec(&ifname))
+                    .collect::<Result<Vec<_>, _>>()
+            } else {
+                vhost_user
+                    .iter()
+                    .map(|v| crate::vhost::VhostSpec::parse(v))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let vhost_user = match vhost_user {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("ipoib-vfio: --vhost-user {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(v) = vhost_user.iter().find(|v| v.interface != ifname) {
+                eprintln!(
+                    "ipoib-vfio: --vhost-user {}={}: this daemon serves {ifname}",
+                    v.interface,
+                    v.socket.display()
+                );
+                return ExitCode::from(2);
+            }
             let opts = crate::daemon::RunOptions {
                 ifname,
                 netns,
@@ -239,6 +273,7 @@ pub fn main() -> ExitCode {
                 wait_active: Duration::from_secs(wait_active),
                 control,
                 control_group,
+                vhost_user,
             };
             crate::daemon::run(&spec, &opts)
         }

@@ -10,6 +10,11 @@
 //! name = "ib0"
 //! netns = "tenant1"
 //! addresses = ["10.0.0.1/24", "fd00::1/64"]
+//!
+//! [[interface.vhost_user]]             # one vNIC per socket
+//! socket = "/run/ipoib-vfio/vm1.sock"
+//! mac = "52:54:00:12:34:56"            # optional: learned from the guest
+//! addresses = ["10.0.0.21"]            # optional: learned from the guest
 //! ```
 //!
 //! The file is input like any other: unknown keys, wrong types and values
@@ -55,6 +60,46 @@ pub struct InterfaceConfig {
     /// Addresses, ADDRESS/PREFIX.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// vhost-user sockets for VMs.
+    #[serde(default)]
+    pub vhost_user: Vec<VhostUserConfig>,
+}
+
+/// One vhost-user socket of an interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserConfig {
+    /// Where frontends connect.
+    pub socket: PathBuf,
+    /// The guest's MAC (learned when absent).
+    pub mac: Option<String>,
+    /// Source addresses the guest may use (learned when empty).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+impl VhostUserConfig {
+    /// The socket as the daemon serves it on interface `ifname`.
+    pub fn spec(&self, ifname: &str) -> Result<crate::vhost::VhostSpec, String> {
+        let mac = match &self.mac {
+            Some(m) => Some(crate::vhost::VhostSpec::mac(m).map_err(|e| format!("mac: {e}"))?),
+            None => None,
+        };
+        let addresses = self
+            .addresses
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| format!("addresses: {a:?} is not an IP address"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::vhost::VhostSpec {
+            interface: ifname.to_string(),
+            socket: self.socket.clone(),
+            mac,
+            addresses,
+        })
+    }
 }
 
 impl FileConfig {
@@ -70,6 +115,10 @@ impl FileConfig {
         }
         for a in cfg.interface.iter().flat_map(|i| &i.addresses) {
             crate::daemon::parse_cidr(a).map_err(|e| format!("interface.addresses: {e}"))?;
+        }
+        for v in cfg.interface.iter().flat_map(|i| &i.vhost_user) {
+            v.spec("")
+                .map_err(|e| format!("interface.vhost_user.{e}"))?;
         }
         Ok(cfg)
     }

@@ -11,7 +11,8 @@ use mlx5_driver::transport::Transport;
 
 use crate::engine::datagram::DropReason;
 use crate::engine::mgid::format_gid;
-use crate::link::Link;
+use crate::link::{Link, LinkCounters};
+use crate::vhost::{self, Vnic};
 
 /// Clients answered per event-loop turn.
 const CLIENTS_PER_TURN: usize = 8;
@@ -68,12 +69,12 @@ impl ControlServer {
     /// Answers waiting clients, at most [`CLIENTS_PER_TURN`] per call so a
     /// flood of connections cannot starve the data path; the rest wait
     /// for the next turn.
-    pub fn serve<T: Transport>(&self, ifname: &str, link: &Link<T>) {
+    pub fn serve<T: Transport>(&self, ifname: &str, link: &Link<T>, vnics: &[Vnic]) {
         for _ in 0..CLIENTS_PER_TURN {
             let Ok((stream, _)) = self.listener.accept() else {
                 break;
             };
-            if let Err(e) = self.answer(&stream, ifname, link) {
+            if let Err(e) = self.answer(&stream, ifname, link, vnics) {
                 tracing::debug!("control client: {e}");
             }
         }
@@ -84,6 +85,7 @@ impl ControlServer {
         stream: &UnixStream,
         ifname: &str,
         link: &Link<T>,
+        vnics: &[Vnic],
     ) -> Result<(), proto::ControlError> {
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -92,7 +94,7 @@ impl ControlServer {
             Response::error(format!("permission denied for uid {uid}"))
         } else {
             match proto::read_request(stream, REQUEST_TIMEOUT) {
-                Ok(req) => respond(&req.command, ifname, link),
+                Ok(req) => respond(&req.command, ifname, link, vnics),
                 Err(e) => Response::error(e.to_string()),
             }
         };
@@ -106,8 +108,14 @@ impl std::ops::Drop for ControlServer {
     }
 }
 
-/// The answer to `cmd` for the interface `ifname` served by `link`.
-pub fn respond<T: Transport>(cmd: &Command, ifname: &str, link: &Link<T>) -> Response {
+/// The answer to `cmd` for the interface `ifname` served by `link`, with
+/// the VMs of `vnics` attached.
+pub fn respond<T: Transport>(
+    cmd: &Command,
+    ifname: &str,
+    link: &Link<T>,
+    vnics: &[Vnic],
+) -> Response {
     let unknown = |name: &str| {
         Response::error(format!(
             "no interface {name:?} (this daemon serves {ifname})"
@@ -154,9 +162,13 @@ pub fn respond<T: Transport>(cmd: &Command, ifname: &str, link: &Link<T>) -> Res
             groups.sort_by(|a, b| a.mgid.cmp(&b.mgid));
             Reply::Mcg { groups }
         }
+        Command::Vms { interface } if interface == ifname => Reply::Vms {
+            vms: vnics.iter().filter_map(|v| vm_info(link, v)).collect(),
+        },
         Command::Stats { interface }
         | Command::Neigh { interface }
-        | Command::Mcg { interface } => {
+        | Command::Mcg { interface }
+        | Command::Vms { interface } => {
             return unknown(interface);
         }
     };
@@ -183,9 +195,53 @@ fn interface_info<T: Transport>(ifname: &str, link: &Link<T>) -> proto::Interfac
     }
 }
 
-fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
-    let c = link.counters();
-    let mut out: Vec<proto::Counter> = [
+fn vm_info<T: Transport>(link: &Link<T>, v: &Vnic) -> Option<proto::Vm> {
+    let g = link.guest(v.endpoint)?;
+    let st = v.backend.status();
+    let q = st.counters;
+    let mut counters: Vec<proto::Counter> = [
+        ("guest_tx_frames", q.tx_frames),
+        ("guest_rx_frames", q.rx_frames),
+        ("guest_tx_bad_chains", q.tx_bad_chains),
+        ("guest_rx_bad_chains", q.rx_bad_chains),
+        ("guest_rx_no_buffers", q.rx_no_buffers),
+        ("guest_rx_too_big", q.rx_too_big),
+        ("connections", q.connections),
+    ]
+    .into_iter()
+    .map(|(n, v)| proto::Counter {
+        name: n.into(),
+        value: v,
+    })
+    .collect();
+    counters.extend(endpoint_counters(&g.counters));
+    counters.extend(
+        g.eth_drops
+            .iter()
+            .chain(&g.drops)
+            .map(|(n, v)| proto::Counter {
+                name: (*n).into(),
+                value: *v,
+            }),
+    );
+    Some(proto::Vm {
+        socket: st.socket.display().to_string(),
+        connected: st.connected,
+        qpn: g.hw.qpn(),
+        hw_addr: g.hw.to_string(),
+        mac: g.mac.to_string(),
+        addresses: g.addresses.iter().map(ToString::to_string).collect(),
+        features: vhost::feature_names(st.features)
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        remote_macs: g.remacs,
+        counters,
+    })
+}
+
+fn endpoint_counters(c: &LinkCounters) -> Vec<proto::Counter> {
+    [
         ("tx_packets", c.tx_packets),
         ("tx_bytes", c.tx_bytes),
         ("rx_packets", c.rx_packets),
@@ -206,7 +262,11 @@ fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
         name: n.into(),
         value: v,
     })
-    .collect();
+    .collect()
+}
+
+fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
+    let mut out = endpoint_counters(&link.counters());
     out.extend(DropReason::ALL.iter().map(|d| proto::Counter {
         name: d.name().into(),
         value: link.engine().drops(*d),

@@ -18,6 +18,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use crate::control::ControlServer;
 use crate::link::Link;
 use crate::probe::{DeviceSpec, wait_for_active};
+use crate::vhost::Vnic;
 
 /// Settings of `ipoib-vfio run`.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct RunOptions {
     pub control: PathBuf,
     /// A group whose members may use the control socket besides root.
     pub control_group: Option<u32>,
+    /// vhost-user sockets for VMs.
+    pub vhost_user: Vec<crate::vhost::VhostSpec>,
 }
 
 /// Parses `ADDR/PREFIX`.
@@ -181,16 +184,62 @@ fn serve_link<T: Transport>(
         link.hw_addr(),
         link.mtu()
     );
-    // One wait set: the host interface and the HCA's event queue (armed
-    // completion queues, port events, page requests).
-    let epoll = match wait_set(tun, link.event_fd(), control) {
+    // One vNIC, with its own endpoint, per vhost-user socket.
+    let mut vnics = Vec::new();
+    for spec in &opts.vhost_user {
+        match Vnic::start(spec, link) {
+            Ok(v) => {
+                eprintln!("ipoib-vfio: serving VMs on {}", spec.socket.display());
+                vnics.push(v);
+            }
+            Err(e) => {
+                eprintln!("ipoib-vfio: vhost-user {e}");
+                stop_vnics(vnics, link);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let status = event_loop(link, tun, nl, &vnics, control, stop);
+    if stop_vnics(vnics, link) {
+        status
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Stops serving every vNIC and removes its endpoint; false if anything
+/// failed.
+fn stop_vnics<T: Transport>(vnics: Vec<Vnic>, link: &mut Link<T>) -> bool {
+    let mut clean = true;
+    for v in vnics {
+        for e in v.stop(link) {
+            eprintln!("ipoib-vfio: removing a vNIC: {e}");
+            clean = false;
+        }
+    }
+    clean
+}
+
+fn event_loop<T: Transport>(
+    link: &mut Link<T>,
+    tun: &Tun,
+    nl: &Netlink,
+    vnics: &[Vnic],
+    control: &ControlServer,
+    stop: &AtomicBool,
+) -> ExitCode {
+    let name = tun.name().to_string();
+    // One wait set: the host interface, the HCA's event queue (armed
+    // completion queues, port events, page requests), the control socket
+    // and the vNICs' wake-ups (queue kicks, frontends leaving).
+    let epoll = match wait_set(tun, link.event_fd(), control, vnics) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("ipoib-vfio: setting up the event loop: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut ready = [EpollEvent::default(); 4];
+    let mut ready = [EpollEvent::default(); 8];
     let mut next_addr_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if !link.busy() {
@@ -200,10 +249,16 @@ fn serve_link<T: Transport>(
             let ms = if link.sa_pending() { 1 } else { 20 };
             let _ = epoll.wait(ms, &mut ready);
         }
-        control.serve(&name, link);
+        for v in vnics {
+            v.wake(link);
+        }
+        control.serve(&name, link, vnics);
         match link.poll(tun, Duration::ZERO) {
             Ok(true) => {
                 let _ = tun.set_carrier(link.carrier());
+                for v in vnics {
+                    v.backend.set_mtu(link.mtu());
+                }
                 tracing::info!(carrier = link.carrier(), "carrier changed");
             }
             Ok(false) => {}
@@ -215,6 +270,7 @@ fn serve_link<T: Transport>(
         if Instant::now() >= next_addr_check {
             next_addr_check = Instant::now() + Duration::from_secs(1);
             if let Ok(addrs) = nl.addresses(&name) {
+                link.set_subnets(&addrs);
                 let ips: Vec<IpAddr> = addrs.into_iter().map(|(a, _)| a).collect();
                 link.set_addresses(&ips);
             }
@@ -227,6 +283,7 @@ fn wait_set(
     tun: &Tun,
     hca_fd: Option<std::os::fd::RawFd>,
     control: &ControlServer,
+    vnics: &[Vnic],
 ) -> std::io::Result<Epoll> {
     use std::os::fd::AsRawFd;
     let epoll = Epoll::new()?;
@@ -243,6 +300,13 @@ fn wait_set(
         control.listener().as_raw_fd(),
         EpollEvent::new(EventSet::IN, 2),
     )?;
+    for (k, v) in vnics.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            v.backend.wake_fd(),
+            EpollEvent::new(EventSet::IN, 3 + k as u64),
+        )?;
+    }
     Ok(epoll)
 }
 

@@ -14,4 +14,5 @@ pub mod daemon;
 pub mod engine;
 pub mod link;
 pub mod probe;
+pub mod vhost;
 pub mod vnet;

@@ -628,6 +628,21 @@ impl<T: Transport> Link<T> {
         }
     }
 
+    /// Sets the host side's IPv4 subnets (address, prefix length): their
+    /// directed broadcasts go to the broadcast group.
+    pub fn set_subnets(&mut self, subnets: &[(IpAddr, u8)]) {
+        let broadcasts = subnets
+            .iter()
+            .filter_map(|(a, p)| match a {
+                IpAddr::V4(v) if *p < 31 => Some(Ipv4Addr::from(u32::from(*v) | (u32::MAX >> p))),
+                _ => None,
+            })
+            .collect();
+        if let Some(ep) = self.eps.first_mut().and_then(Option::as_mut) {
+            ep.engine.set_broadcasts(broadcasts);
+        }
+    }
+
     fn start(&mut self) {
         let _ = self.hca.refresh_ports();
         if let Some(p) = self.hca.info().ports.first() {

@@ -1,4 +1,4 @@
-//! `ipoib-tool show | stats | neigh | mcg`: what sysfs, ethtool -S and
+//! `ipoib-tool show | stats | neigh | mcg | vms`: what sysfs, ethtool -S and
 //! debugfs (`ib0_path`, `ib0_mcg`) show for the kernel driver, asked of a
 //! running `ipoib-vfio` over its control socket.
 
@@ -85,6 +85,36 @@ pub fn render(reply: &Reply) -> String {
                     u8::from(g.joined),
                     u8::from(g.send_only)
                 );
+            }
+        }
+        Reply::Vms { vms } => {
+            for v in vms {
+                let _ = writeln!(
+                    s,
+                    "{}: {}",
+                    v.socket,
+                    if v.connected {
+                        "connected"
+                    } else {
+                        "waiting for a frontend"
+                    }
+                );
+                let _ = writeln!(
+                    s,
+                    "    qpn 0x{:06x} mac {} remote macs {}",
+                    v.qpn, v.mac, v.remote_macs
+                );
+                let _ = writeln!(s, "    link/infiniband {}", v.hw_addr);
+                if !v.addresses.is_empty() {
+                    let _ = writeln!(s, "    addresses {}", v.addresses.join(" "));
+                }
+                if !v.features.is_empty() {
+                    let _ = writeln!(s, "    features {}", v.features.join(" "));
+                }
+                let w = v.counters.iter().map(|c| c.name.len()).max().unwrap_or(0);
+                for c in v.counters.iter().filter(|c| c.value != 0) {
+                    let _ = writeln!(s, "     {:w$}: {}", c.name, c.value);
+                }
             }
         }
         Reply::Error { message } => {

@@ -77,6 +77,12 @@ pub enum Command {
         /// The interface.
         interface: String,
     },
+    /// The VMs attached to an interface: socket, QPN, MAC, features
+    /// negotiated, counters.
+    Vms {
+        /// The interface.
+        interface: String,
+    },
 }
 
 /// Entry point of the binary.
@@ -97,6 +103,9 @@ pub fn main() -> ExitCode {
             interface: interface.clone(),
         }),
         Command::Mcg { interface } => Some(ipoib_control::Command::Mcg {
+            interface: interface.clone(),
+        }),
+        Command::Vms { interface } => Some(ipoib_control::Command::Vms {
             interface: interface.clone(),
         }),
         _ => None,
@@ -123,7 +132,8 @@ pub fn main() -> ExitCode {
         Command::Show { .. }
         | Command::Stats { .. }
         | Command::Neigh { .. }
-        | Command::Mcg { .. } => {
+        | Command::Mcg { .. }
+        | Command::Vms { .. } => {
             return ExitCode::FAILURE;
         }
     };

@@ -252,6 +252,8 @@ pub struct Datagram<A, P> {
     drops: [u64; DropReason::ALL.len()],
     events: Vec<resolve::Event<IpAddr, Payload<P>>>,
     path_events: Vec<resolve::Event<Gid, Waiting<P>>>,
+    /// Directed broadcast addresses of the host's IPv4 subnets.
+    broadcasts: Vec<Ipv4Addr>,
 }
 
 impl<A: Copy, P> Datagram<A, P> {
@@ -268,6 +270,7 @@ impl<A: Copy, P> Datagram<A, P> {
             drops: [0; DropReason::ALL.len()],
             events: Vec::new(),
             path_events: Vec::new(),
+            broadcasts: Vec::new(),
         }
     }
 
@@ -357,6 +360,12 @@ impl<A: Copy, P> Datagram<A, P> {
         for a in fresh {
             self.listen(IpAddr::V6(mgid::solicited_node(a)), out);
         }
+    }
+
+    /// Sets the directed broadcast addresses of the host's IPv4 subnets
+    /// (from its addresses and prefix lengths).
+    pub fn set_broadcasts(&mut self, broadcasts: Vec<Ipv4Addr>) {
+        self.broadcasts = broadcasts;
     }
 
     /// The MTU the broadcast group allows: its IB MTU − 4, or `None`
@@ -510,10 +519,18 @@ impl<A: Copy, P> Datagram<A, P> {
     /// Transmits a host IP packet (`bytes` is its content, `packet` names
     /// its buffer).
     pub fn transmit(&mut self, bytes: &[u8], packet: P, now: Instant, out: &mut Vec<Action<A, P>>) {
-        let Some((dst, ty)) = ip_destination(bytes) else {
+        let Some((mut dst, ty)) = ip_destination(bytes) else {
             self.count(DropReason::Malformed, Some(packet), out);
             return;
         };
+        if let IpAddr::V4(a) = dst
+            && self.broadcasts.contains(&a)
+        {
+            // A subnet's broadcast goes to the broadcast group, as
+            // 255.255.255.255 does (the kernel gives these the broadcast
+            // hardware address).
+            dst = IpAddr::V4(Ipv4Addr::BROADCAST);
+        }
         if !self.carrier() {
             self.count(DropReason::NoCarrier, Some(packet), out);
             return;
@@ -1474,6 +1491,24 @@ mod tests {
             [Action::Join {
                 mgid: m,
                 send_only: true
+            }]
+        );
+    }
+
+    #[test]
+    fn subnet_broadcast_goes_to_the_broadcast_group() {
+        let mut a = host_a();
+        a.set_broadcasts(vec![Ipv4Addr::new(10, 0, 0, 255)]);
+        let mut out = Out::new();
+        a.transmit(&ipv4_packet([10, 0, 0, 255]), "b", Instant::now(), &mut out);
+        assert_eq!(
+            out,
+            [Action::Send {
+                dest: Dest::Multicast {
+                    ah: BCAST_AH,
+                    mgid: a.broadcast_mgid()
+                },
+                payload: Payload::Host("b", ethertype::IPV4)
             }]
         );
     }
