@@ -47,7 +47,13 @@ const LOG_RQ: u8 = 8;
 /// Send slots: IPoIB header + payload, up to a 64 KiB TSO packet.
 const TX_SLOT: usize = 64 * 1024 + 512;
 const TX_SLOTS: usize = 128;
-const LOG_SQ: u8 = 7;
+/// The SQ in 64-byte basic blocks: a UD send takes two (control,
+/// datagram and data segments), an LSO send up to six.
+const LOG_SQ: u8 = 10;
+/// Room kept for a burst: packets are only taken from the host side while
+/// this many sends of the largest kind fit.
+const TX_HEADROOM: usize = 8;
+const MAX_WQE_BBS: u16 = 6;
 /// Host packet buffers: virtio-net header + one IP packet (64 KiB with
 /// TSO).
 const HOST_BUF: usize = VNET_HDR_LEN_MRG + 64 * 1024 + 256;
@@ -842,10 +848,16 @@ impl<T: Transport> Link<T> {
             };
             // Back-pressure: with the send queue nearly full, leave packets
             // where they are rather than drop them.
-            if ep.tx_free.len() < 8 {
+            if !ep.can_send() {
                 ep.reap_sends();
-                if ep.tx_free.len() < 8 {
-                    break;
+                if !ep.can_send() {
+                    if ep.out.is_empty() {
+                        break;
+                    }
+                    // Sends decided but not posted hold the room: post
+                    // them, then look again.
+                    self.run_actions(id, Some(host));
+                    continue;
                 }
             }
             let Some(slot) = ep.pool_free.pop() else {
@@ -1187,6 +1199,17 @@ impl Endpoint {
         if qp.post_recv(&[sge]).is_ok() {
             self.rx_posted.push_back(i);
         }
+    }
+
+    /// Send slots and SQ space are left for a burst of the largest sends,
+    /// besides the sends the engine decided and that wait in `out`.
+    fn can_send(&self) -> bool {
+        let want = TX_HEADROOM + self.out.len();
+        self.tx_free.len() >= want
+            && self
+                .qp
+                .as_ref()
+                .is_some_and(|q| usize::from(q.send_free()) >= want * usize::from(MAX_WQE_BBS))
     }
 
     fn reap_sends(&mut self) {
