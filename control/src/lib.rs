@@ -138,6 +138,8 @@ pub struct Vm {
     pub socket: String,
     /// A frontend is connected.
     pub connected: bool,
+    /// Its queues are set up and enabled: frames move.
+    pub ready: bool,
     /// The vNIC's own UD QPN.
     pub qpn: u32,
     /// Its 20-byte IPoIB hardware address.

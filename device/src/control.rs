@@ -227,6 +227,7 @@ fn vm_info<T: Transport>(link: &Link<T>, v: &Vnic) -> Option<proto::Vm> {
     Some(proto::Vm {
         socket: st.socket.display().to_string(),
         connected: st.connected,
+        ready: st.ready,
         qpn: g.hw.qpn(),
         hw_addr: g.hw.to_string(),
         mac: g.mac.to_string(),

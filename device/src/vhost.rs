@@ -112,6 +112,8 @@ pub struct Status {
     pub socket: PathBuf,
     /// A frontend is connected.
     pub connected: bool,
+    /// Both queues are set up, enabled and ready: frames move.
+    pub ready: bool,
     /// Features the frontend acknowledged.
     pub features: u64,
     /// Counters.
@@ -201,9 +203,16 @@ impl Backend {
     /// The socket, connection state, negotiated features and counters.
     pub fn status(&self) -> Status {
         let st = self.state();
+        let ready = st.mem.is_some()
+            && st.vrings.len() == 2
+            && st.vrings.iter().all(|v| {
+                let v = v.get_ref();
+                v.is_enabled() && v.get_queue().ready()
+            });
         Status {
             socket: self.socket.clone(),
             connected: st.connected,
+            ready,
             features: st.acked,
             counters: st.counters,
         }
@@ -439,8 +448,9 @@ impl Backend {
             }
             self.connected(daemon.shutdown_handle());
             tracing::info!(socket = %name, "vhost-user frontend connected");
-            if let Err(e) = daemon.wait() {
-                tracing::info!(socket = %name, "vhost-user frontend left: {e}");
+            match daemon.wait() {
+                Ok(()) => tracing::info!(socket = %name, "vhost-user frontend left"),
+                Err(e) => tracing::info!(socket = %name, "vhost-user frontend left: {e}"),
             }
             for h in daemon.get_epoll_handlers() {
                 h.send_exit_event();

@@ -21,6 +21,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // Real peers across the daemons' interfaces (device/tests/daemon.rs).
     ("iputils-ping", "ping"),
     ("iperf3", "iperf3"),
+    // The VM side of the vhost-user backend (device/tests/vhost_testpmd.rs).
+    ("dpdk-dev", "dpdk-testpmd"),
+    ("librte-net-virtio23", "dpdk-testpmd"),
+    ("librte-net-vhost23", "dpdk-testpmd"),
+    ("librte-mempool-ring23", "dpdk-testpmd"),
 ];
 
 fn root() -> PathBuf {
