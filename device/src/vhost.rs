@@ -337,6 +337,7 @@ impl Backend {
             };
             let first = nd;
             let mut ok = true;
+            let mut more = false;
             for d in chain.clone() {
                 if !d.is_write_only() || nd == MAX_RX_DESCS {
                     ok = false;
@@ -345,7 +346,10 @@ impl Backend {
                 descs[nd] = (d.addr(), d.len());
                 nd += 1;
                 room += d.len() as usize;
+                more = d.has_next();
             }
+            // A loop or a chain longer than the queue.
+            ok &= !more;
             if !ok || nd == first {
                 // A chain we cannot write: give it back used, empty.
                 st.counters.rx_bad_chains += 1;
@@ -478,8 +482,10 @@ impl Backend {
 }
 
 /// Copies the readable descriptors of `chain` into `buf` from `at` on;
-/// `None` if any is writable, outside guest memory, or the whole does not
-/// fit.
+/// `None` if any is writable or outside guest memory (a region's end
+/// crossed into a hole included), if the chain loops or is longer than
+/// the queue (the walk stops at the queue size with a descriptor that
+/// still names a next one), or if the whole is empty or does not fit.
 fn read_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
@@ -487,6 +493,7 @@ fn read_chain(
     at: usize,
 ) -> Option<usize> {
     let mut n = 0usize;
+    let mut more = false;
     for d in chain {
         if d.is_write_only() {
             return None;
@@ -495,8 +502,9 @@ fn read_chain(
         let dst = buf.get_mut(at + n..at + n + len)?;
         mem.read_slice(dst, d.addr()).ok()?;
         n += len;
+        more = d.has_next();
     }
-    (n > 0).then_some(n)
+    (n > 0 && !more).then_some(n)
 }
 
 /// Writes bytes `at..at + n` of the concatenation of `pieces` to guest
@@ -765,5 +773,291 @@ impl Vnic {
         }
         self.backend.remove_socket();
         link.remove_guest(self.endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guest memory: two regions with a hole between them.
+    const LOW: (u64, usize) = (0, 0x1_0000);
+    const HIGH: (u64, usize) = (0x2_0000, 0x1_0000);
+    const QSIZE: u16 = 16;
+    /// Split ring layout (virtio 1.2 §2.7): descriptor table (16 bytes a
+    /// descriptor), available ring (flags, idx, ring), used ring (flags,
+    /// idx, ring of id/len pairs); one set per queue.
+    const DESC: [u64; 2] = [0x1000, 0x3000];
+    const AVAIL: [u64; 2] = [0x1800, 0x3800];
+    const USED: [u64; 2] = [0x2000, 0x4000];
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    struct Rig {
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        backend: Arc<Backend>,
+        avail_idx: [u16; 2],
+    }
+
+    impl Rig {
+        fn new(acked: u64) -> Rig {
+            let m = GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(LOW.0), LOW.1),
+                (GuestAddress(HIGH.0), HIGH.1),
+            ])
+            .unwrap();
+            let mem = GuestMemoryAtomic::new(m);
+            let backend = Backend::new(
+                Path::new("/nonexistent/vm.sock"),
+                Mac([0x52, 0x54, 0, 0, 0, 1]),
+                2044,
+                false,
+            )
+            .unwrap();
+            let mut vrings = Vec::new();
+            for q in 0..2 {
+                let v = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+                v.set_queue_size(QSIZE);
+                v.set_queue_info(DESC[q], AVAIL[q], USED[q]).unwrap();
+                v.set_queue_ready(true);
+                v.set_enabled(true);
+                vrings.push(v);
+            }
+            {
+                let mut st = backend.state();
+                st.mem = Some(mem.clone());
+                st.vrings = vrings;
+                st.acked = acked;
+                st.connected = true;
+            }
+            Rig {
+                mem,
+                backend,
+                avail_idx: [0, 0],
+            }
+        }
+
+        fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let at = GuestAddress(DESC[q] + u64::from(i) * 16);
+            let m = self.mem.memory();
+            m.write_obj(addr.to_le(), at).unwrap();
+            m.write_obj(len.to_le(), GuestAddress(at.0 + 8)).unwrap();
+            m.write_obj(flags.to_le(), GuestAddress(at.0 + 12)).unwrap();
+            m.write_obj(next.to_le(), GuestAddress(at.0 + 14)).unwrap();
+        }
+
+        /// Makes the chain at `head` available on queue `q`.
+        fn offer(&mut self, q: usize, head: u16) {
+            let m = self.mem.memory();
+            let slot = u64::from(self.avail_idx[q] % QSIZE);
+            m.write_obj(head.to_le(), GuestAddress(AVAIL[q] + 4 + slot * 2))
+                .unwrap();
+            self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+            m.write_obj(self.avail_idx[q].to_le(), GuestAddress(AVAIL[q] + 2))
+                .unwrap();
+        }
+
+        fn used_idx(&self, q: usize) -> u16 {
+            self.mem
+                .memory()
+                .read_obj::<u16>(GuestAddress(USED[q] + 2))
+                .unwrap()
+        }
+
+        /// The (id, len) of used entry `k` of queue `q`.
+        fn used(&self, q: usize, k: u16) -> (u32, u32) {
+            let m = self.mem.memory();
+            let at = USED[q] + 4 + u64::from(k % QSIZE) * 8;
+            (
+                m.read_obj(GuestAddress(at)).unwrap(),
+                m.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        }
+
+        fn counters(&self) -> QueueCounters {
+            self.backend.status().counters
+        }
+    }
+
+    /// A TX frame: zero virtio-net header, then 60 bytes of Ethernet.
+    fn frame() -> Vec<u8> {
+        let mut f = vec![0u8; HDR_LEN];
+        f.extend((0..60u8).map(|b| b ^ 0xA5));
+        f
+    }
+
+    #[test]
+    fn guest_frames_are_read_and_bad_chains_refused() {
+        let mut r = Rig::new(feature::VERSION_1);
+        let port = VnicPort(r.backend.clone());
+        let f = frame();
+        // A good chain split over two descriptors in two regions.
+        r.mem
+            .memory()
+            .write_slice(&f[..20], GuestAddress(0x8000))
+            .unwrap();
+        r.mem
+            .memory()
+            .write_slice(&f[20..], GuestAddress(0x2_1000))
+            .unwrap();
+        r.desc(TXQ, 0, 0x8000, 20, NEXT, 1);
+        r.desc(TXQ, 1, 0x2_1000, (f.len() - 20) as u32, 0, 0);
+        r.offer(TXQ, 0);
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(port.recv(&mut buf).unwrap(), f.len());
+        assert_eq!(&buf[..f.len()], &f[..]);
+        assert_eq!(r.used_idx(TXQ), 1);
+        assert_eq!(r.used(TXQ, 0), (0, 0), "TX chains are used with length 0");
+
+        // Each of these is refused, returned to the guest and counted.
+        // Outside every region.
+        r.desc(TXQ, 2, 0x5_0000, 72, 0, 0);
+        // Crossing the end of the low region into the hole.
+        r.desc(TXQ, 3, LOW.1 as u64 - 16, 72, 0, 0);
+        // A loop: 4 -> 5 -> 4 ...
+        r.desc(TXQ, 4, 0x8000, 40, NEXT, 5);
+        r.desc(TXQ, 5, 0x8000, 40, NEXT, 4);
+        // Zero length.
+        r.desc(TXQ, 6, 0x8000, 0, 0, 0);
+        // Longer than a frame may be (the buffer).
+        r.desc(TXQ, 7, 0x2_0000, 0x8000, NEXT, 8);
+        r.desc(TXQ, 8, 0x2_0000, 0x8000, 0, 0);
+        // Writable: a receive buffer in the transmit queue.
+        r.desc(TXQ, 9, 0x8000, 72, WRITE, 0);
+        // Shorter than a virtio-net and an Ethernet header.
+        r.desc(TXQ, 10, 0x8000, 20, 0, 0);
+        for head in [2, 3, 4, 6, 7, 9, 10] {
+            r.offer(TXQ, head);
+        }
+        let err = port.recv(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(r.counters().tx_bad_chains, 7);
+        assert_eq!(r.used_idx(TXQ), 8, "every chain went back to the guest");
+        assert_eq!(r.counters().tx_frames, 1);
+
+        // And the queue still works.
+        r.desc(TXQ, 11, 0x8000, 20, NEXT, 12);
+        r.desc(TXQ, 12, 0x2_1000, (f.len() - 20) as u32, 0, 0);
+        r.offer(TXQ, 11);
+        assert_eq!(port.recv(&mut buf).unwrap(), f.len());
+        assert_eq!(&buf[..f.len()], &f[..]);
+        assert_eq!(r.counters().tx_frames, 2);
+    }
+
+    #[test]
+    fn legacy_header_is_widened() {
+        let mut r = Rig::new(0);
+        let port = VnicPort(r.backend.clone());
+        let mut f = vec![1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+        f.extend([0xEE; 60]);
+        r.mem
+            .memory()
+            .write_slice(&f, GuestAddress(0x8000))
+            .unwrap();
+        r.desc(TXQ, 0, 0x8000, f.len() as u32, 0, 0);
+        r.offer(TXQ, 0);
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(port.recv(&mut buf).unwrap(), 72);
+        assert_eq!(&buf[..12], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0]);
+        assert_eq!(&buf[12..72], &[0xEE; 60]);
+    }
+
+    #[test]
+    fn frames_for_the_guest_fill_its_buffers() {
+        let mut r = Rig::new(feature::VERSION_1 | feature::MRG_RXBUF);
+        let port = VnicPort(r.backend.clone());
+        let mut pkt = vec![0u8; HDR_LEN];
+        pkt.extend((0..100u8).map(|b| b.wrapping_mul(3)));
+        // Nothing posted: dropped and counted.
+        assert!(port.send(&pkt).is_err());
+        assert_eq!(r.counters().rx_no_buffers, 1);
+        // Two small chains: with MRG_RXBUF the frame spans both, and
+        // num_buffers says so.
+        r.desc(RXQ, 0, 0x9000, 64, WRITE, 0);
+        r.desc(RXQ, 1, 0x2_2000, 64, WRITE, 0);
+        r.offer(RXQ, 0);
+        r.offer(RXQ, 1);
+        assert_eq!(port.send(&pkt).unwrap(), pkt.len());
+        let mut got = vec![0u8; 112];
+        r.mem
+            .memory()
+            .read_slice(&mut got[..64], GuestAddress(0x9000))
+            .unwrap();
+        r.mem
+            .memory()
+            .read_slice(&mut got[64..], GuestAddress(0x2_2000))
+            .unwrap();
+        assert_eq!(&got[10..12], &2u16.to_le_bytes(), "num_buffers");
+        assert_eq!(&got[12..], &pkt[12..]);
+        assert_eq!(r.used(RXQ, 0), (0, 64));
+        assert_eq!(r.used(RXQ, 1), (1, 48));
+
+        // A buffer outside guest memory is refused and returned; a
+        // read-only one in the receive queue too.
+        r.desc(RXQ, 2, 0x7_0000, 256, WRITE, 0);
+        r.desc(RXQ, 3, 0x9000, 256, 0, 0);
+        r.desc(RXQ, 4, 0x9000, 256, WRITE, 0);
+        for h in [2, 3, 4] {
+            r.offer(RXQ, h);
+        }
+        assert!(port.send(&pkt).is_err(), "the write to 0x70000 fails");
+        assert!(port.send(&pkt).is_ok(), "the read-only chain is skipped");
+        let c = r.counters();
+        assert_eq!((c.rx_bad_chains, c.rx_frames), (2, 2));
+    }
+
+    #[test]
+    fn too_small_buffers_without_mergeable_rx_are_kept_for_later() {
+        let mut r = Rig::new(feature::VERSION_1);
+        let port = VnicPort(r.backend.clone());
+        let mut pkt = vec![0u8; HDR_LEN];
+        pkt.extend([7u8; 200]);
+        r.desc(RXQ, 0, 0x9000, 64, WRITE, 0);
+        r.offer(RXQ, 0);
+        assert!(port.send(&pkt).is_err());
+        assert_eq!(r.counters().rx_too_big, 1);
+        assert_eq!(r.used_idx(RXQ), 0, "the chain was put back, not used");
+        // A small frame then uses it.
+        assert!(port.send(&pkt[..HDR_LEN + 40]).is_ok());
+        assert_eq!(r.used(RXQ, 0), (0, 52));
+    }
+
+    #[test]
+    fn config_space_is_exact() {
+        let r = Rig::new(feature::VERSION_1);
+        let c = r.backend.get_config(0, 12);
+        assert_eq!(&c[..6], &[0x52, 0x54, 0, 0, 0, 1]);
+        assert_eq!(&c[8..10], &1u16.to_le_bytes(), "max_virtqueue_pairs");
+        assert_eq!(&c[10..12], &2044u16.to_le_bytes(), "mtu");
+        // Any window, exactly as long as asked, zero past the end.
+        assert_eq!(
+            r.backend.get_config(10, 8),
+            vec![0xfc, 0x07, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(r.backend.get_config(u32::MAX, 4), vec![0; 4]);
+    }
+
+    #[test]
+    fn specs_parse() {
+        let s = VhostSpec::parse("ib0=/run/vm1.sock,mac=52:54:00:00:00:09,ip=10.0.0.9").unwrap();
+        assert_eq!(s.interface, "ib0");
+        assert_eq!(s.socket, PathBuf::from("/run/vm1.sock"));
+        assert_eq!(s.mac, Some(Mac([0x52, 0x54, 0, 0, 0, 9])));
+        assert_eq!(s.addresses, ["10.0.0.9".parse::<IpAddr>().unwrap()]);
+        for bad in [
+            "ib0",
+            "=/x",
+            "ib0=",
+            "ib0=/x,mac=01:00:5e:00:00:01",
+            "ib0=/x,mac=zz",
+            "ib0=/x,ip=nope",
+            "ib0=/x,colour=red",
+        ] {
+            assert!(VhostSpec::parse(bad).is_err(), "{bad}");
+        }
+        let gid = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 2, 0xc9, 3, 0, 0, 0, 1];
+        let m = s.default_mac(&gid);
+        assert_eq!(m, s.default_mac(&gid), "stable");
+        assert_eq!(m.0[0] & 3, 2, "locally administered unicast");
     }
 }
