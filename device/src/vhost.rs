@@ -978,7 +978,7 @@ mod tests {
         r.offer(RXQ, 0);
         r.offer(RXQ, 1);
         assert_eq!(port.send(&pkt).unwrap(), pkt.len());
-        let mut got = vec![0u8; 112];
+        let mut got = [0u8; 112];
         r.mem
             .memory()
             .read_slice(&mut got[..64], GuestAddress(0x9000))
