@@ -197,7 +197,7 @@ fn interface_info<T: Transport>(ifname: &str, link: &Link<T>) -> proto::Interfac
 
 fn vm_info<T: Transport>(link: &Link<T>, v: &Vnic) -> Option<proto::Vm> {
     let g = link.guest(v.endpoint)?;
-    let st = v.backend.status();
+    let st = v.status();
     let q = st.counters;
     let mut counters: Vec<proto::Counter> = [
         ("guest_tx_frames", q.tx_frames),

@@ -199,7 +199,7 @@ fn serve_link<T: Transport>(
             }
         }
     }
-    let status = event_loop(link, tun, nl, &vnics, control, stop);
+    let status = event_loop(link, tun, nl, &mut vnics, control, stop);
     if stop_vnics(vnics, link) {
         status
     } else {
@@ -224,7 +224,7 @@ fn event_loop<T: Transport>(
     link: &mut Link<T>,
     tun: &Tun,
     nl: &Netlink,
-    vnics: &[Vnic],
+    vnics: &mut [Vnic],
     control: &ControlServer,
     stop: &AtomicBool,
 ) -> ExitCode {
@@ -239,25 +239,30 @@ fn event_loop<T: Transport>(
             return ExitCode::FAILURE;
         }
     };
-    let mut ready = [EpollEvent::default(); 8];
+    let mut ready = [EpollEvent::default(); 16];
     let mut next_addr_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        if !link.busy() {
+        // Busy: look at the wait set without sleeping.
+        let ms = if link.busy() {
+            0
+        } else {
             link.arm();
             // Timers (ARP retries, joins, ageing) are coarse: 20 ms is
             // plenty. EINTR (a signal) just ends the wait.
-            let ms = if link.sa_pending() { 1 } else { 20 };
-            let _ = epoll.wait(ms, &mut ready);
-        }
-        for v in vnics {
-            v.wake(link);
+            if link.sa_pending() { 1 } else { 20 }
+        };
+        let n = epoll.wait(ms, &mut ready).unwrap_or(0);
+        for e in &ready[..n] {
+            if let Some(v) = vnics.iter_mut().find(|v| v.owns(e.data())) {
+                v.event(e.data(), &epoll, link);
+            }
         }
         control.serve(&name, link, vnics);
         match link.poll(tun, Duration::ZERO) {
             Ok(true) => {
                 let _ = tun.set_carrier(link.carrier());
-                for v in vnics {
-                    v.backend.set_mtu(link.mtu());
+                for v in vnics.iter() {
+                    v.set_mtu(link.mtu());
                 }
                 tracing::info!(carrier = link.carrier(), "carrier changed");
             }
@@ -279,11 +284,15 @@ fn event_loop<T: Transport>(
     ExitCode::SUCCESS
 }
 
+/// First event id of the vNICs (ids below are the TUN device, the HCA and
+/// the control socket).
+const VNIC_EVENTS: u64 = 16;
+
 fn wait_set(
     tun: &Tun,
     hca_fd: Option<std::os::fd::RawFd>,
     control: &ControlServer,
-    vnics: &[Vnic],
+    vnics: &mut [Vnic],
 ) -> std::io::Result<Epoll> {
     use std::os::fd::AsRawFd;
     let epoll = Epoll::new()?;
@@ -300,12 +309,8 @@ fn wait_set(
         control.listener().as_raw_fd(),
         EpollEvent::new(EventSet::IN, 2),
     )?;
-    for (k, v) in vnics.iter().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            v.backend.wake_fd(),
-            EpollEvent::new(EventSet::IN, 3 + k as u64),
-        )?;
+    for (k, v) in vnics.iter_mut().enumerate() {
+        v.register(&epoll, VNIC_EVENTS + k as u64 * crate::vhost::EVENT_IDS)?;
     }
     Ok(epoll)
 }

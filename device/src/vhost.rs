@@ -1,46 +1,57 @@
 //! vhost-user-net backend: a VM's virtio-net NIC as an endpoint of an
 //! IPoIB interface.
 //!
-//! Each socket (`--vhost-user ib0=PATH`) has one [`Backend`]. The
-//! vhost-user protocol runs on the library's threads (one for the
-//! frontend's messages, one worker for the queue kicks); the packets do
-//! not. A kick only wakes the daemon's event loop through
-//! [`Backend::wake_fd`], and the loop, which owns the HCA, moves frames
-//! between the virtqueues and the interface through [`VnicPort`] (the
-//! [`HostPort`] of the guest's endpoint). So the HCA is driven from one
-//! thread, as everywhere else in the daemon.
+//! Each socket (`--vhost-user ib0=PATH`) is one [`Vnic`]: a device that
+//! speaks the vhost-user protocol to one frontend at a time (QEMU,
+//! cloud-hypervisor, DPDK's virtio-user) and an endpoint of the interface
+//! with its own UD QP. Everything runs on the daemon's event loop, which
+//! owns the HCA: the listening socket, the frontend's socket and the
+//! queues' kick eventfds are in its wait set, requests are answered there
+//! (the `vhost` crate parses them; [`Device`] acts on them) and frames are
+//! moved there between the virtqueues and the interface through
+//! [`VnicPort`], the endpoint's [`HostPort`].
 //!
-//! Frames are copied between guest memory and the daemon's buffers here;
-//! every descriptor is checked against the VM's memory table by the copy
-//! itself (an address outside it fails the copy and the chain is returned
-//! unused and counted), and chains are bounded in length and count.
+//! Frames are copied between guest memory and the daemon's buffers; every
+//! descriptor is checked against the VM's memory table by the copy itself
+//! (an address outside it fails the copy and the chain is returned unused
+//! and counted), and chains are bounded in length and count.
 //!
 //! A frontend that goes away (QEMU or testpmd restarting) ends its
-//! connection only: the listener takes the next one, the endpoint (QP,
-//! QPN, memberships) stays, and the guest's learned MAC and addresses
-//! are forgotten (see [`crate::link::Link::reset_guest`]).
+//! connection only: the next one is accepted, the endpoint (QP, QPN,
+//! memberships) stays, and the guest's learned MAC and addresses are
+//! forgotten (see [`crate::link::Link::reset_guest`]).
+//!
+//! Why not `vhost-user-backend`: QEMU (7.2) sends SET_VRING_ENABLE to a
+//! vhost-user-net backend before SET_FEATURES, and that crate (0.24)
+//! answers with an error that closes the connection; QEMU also needs
+//! VHOST_USER_F_PROTOCOL_FEATURES offered to start the device at all.
+//! The `vhost` crate underneath still refuses those early requests (with
+//! an error reply, keeping the connection), so rings here start enabled
+//! and only a later SET_VRING_ENABLE(0) disables one, as with DPDK's vhost
+//! library.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-
-use vhost::vhost_user::Listener;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use mlx5_driver::transport::Transport;
+use vhost::VhostUserMemoryRegionBase;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    BackendReqHandler, Error as VuError, GpuBackend, Listener, Result as VuResult,
+    VhostUserBackendReqHandlerMut,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::engine::eth::Mac;
 use crate::link::{EndpointId, GuestConfig, HostPort, Link};
@@ -75,6 +86,8 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 /// Largest queue a frontend may set up.
 const MAX_QUEUE_SIZE: usize = 1024;
+/// Memory regions a frontend may give.
+const MAX_REGIONS: usize = 32;
 /// Length of the virtio-net header with VERSION_1 or MRG_RXBUF.
 const HDR_LEN: usize = 12;
 /// Length of the legacy header without either.
@@ -92,10 +105,11 @@ pub struct QueueCounters {
     /// Frames written to the guest's receive queue.
     pub rx_frames: u64,
     /// Transmit chains refused: outside the guest's memory, writable,
-    /// empty, shorter than a virtio-net and Ethernet header, or longer
-    /// than a frame may be.
+    /// looping, empty, shorter than a virtio-net and Ethernet header, or
+    /// longer than a frame may be.
     pub tx_bad_chains: u64,
-    /// Receive chains refused: outside the guest's memory or read-only.
+    /// Receive chains refused: outside the guest's memory, read-only or
+    /// looping.
     pub rx_bad_chains: u64,
     /// Frames for the guest dropped: no receive buffer posted.
     pub rx_no_buffers: u64,
@@ -103,6 +117,8 @@ pub struct QueueCounters {
     pub rx_too_big: u64,
     /// Frontend connections served.
     pub connections: u64,
+    /// Frontend requests refused (each answered with an error).
+    pub bad_requests: u64,
 }
 
 /// What `ipoib-tool vms` shows of a vNIC's frontend side.
@@ -112,7 +128,7 @@ pub struct Status {
     pub socket: PathBuf,
     /// A frontend is connected.
     pub connected: bool,
-    /// Both queues are set up, enabled and ready: frames move.
+    /// Both queues are set up, started and enabled: frames move.
     pub ready: bool,
     /// Features the frontend acknowledged.
     pub features: u64,
@@ -120,104 +136,99 @@ pub struct Status {
     pub counters: QueueCounters,
 }
 
-#[derive(Default)]
-struct State {
-    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    vrings: Vec<VringRwLock>,
-    acked: u64,
-    event_idx: bool,
-    connected: bool,
-    /// The frontend went away since the event loop last looked.
-    disconnected: bool,
-    shutdown: Option<ShutdownHandle>,
-    mtu: u16,
-    counters: QueueCounters,
-}
-
-impl std::fmt::Debug for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("connected", &self.connected)
-            .field("acked", &self.acked)
-            .field("counters", &self.counters)
-            .finish_non_exhaustive()
-    }
-}
-
-/// One vhost-user-net device; see the module documentation.
+/// One virtqueue as the frontend set it up.
 #[derive(Debug)]
-pub struct Backend {
-    socket: PathBuf,
-    mac: Mac,
-    offloads: bool,
-    wake: EventFd,
-    stop: AtomicBool,
-    state: Mutex<State>,
+struct Vq {
+    queue: Queue,
+    kick: Option<File>,
+    call: Option<File>,
+    /// Not disabled by SET_VRING_ENABLE.
+    enabled: bool,
+    /// A kick eventfd was given: the ring runs.
+    started: bool,
 }
 
-impl Backend {
-    /// A device presenting `mac` and `mtu` on `socket`; `offloads` when the
-    /// HCA can finish checksums and segment TCP (CSUM and HOST_TSO4/6 are
-    /// offered then).
-    pub fn new(socket: &Path, mac: Mac, mtu: u32, offloads: bool) -> io::Result<Arc<Backend>> {
-        Ok(Arc::new(Backend {
-            socket: socket.to_path_buf(),
-            mac,
-            offloads,
-            wake: EventFd::new(EFD_NONBLOCK)?,
-            stop: AtomicBool::new(false),
-            state: Mutex::new(State {
-                mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
-                ..State::default()
-            }),
-        }))
-    }
-
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A panic on another thread while holding the lock leaves plain
-        // data behind; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Readable when the event loop has frames to move or a frontend left.
-    pub fn wake_fd(&self) -> RawFd {
-        self.wake.as_raw_fd()
-    }
-
-    /// Clears the wake-up (the loop moves whatever is there next).
-    pub fn consume_wake(&self) {
-        let _ = self.wake.read();
-    }
-
-    /// True once after a frontend disconnected.
-    pub fn take_disconnected(&self) -> bool {
-        std::mem::take(&mut self.state().disconnected)
-    }
-
-    /// Sets the MTU presented in the config space (the next frontend
-    /// reads it).
-    pub fn set_mtu(&self, mtu: u32) {
-        self.state().mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
-    }
-
-    /// The socket, connection state, negotiated features and counters.
-    pub fn status(&self) -> Status {
-        let st = self.state();
-        let ready = st.mem.is_some()
-            && st.vrings.len() == 2
-            && st.vrings.iter().all(|v| {
-                let v = v.get_ref();
-                v.is_enabled() && v.get_queue().ready()
-            });
-        Status {
-            socket: self.socket.clone(),
-            connected: st.connected,
-            ready,
-            features: st.acked,
-            counters: st.counters,
+impl Vq {
+    fn new() -> Vq {
+        Vq {
+            // A size the queue accepts; the frontend sets its own.
+            queue: Queue::new(MAX_QUEUE_SIZE as u16).unwrap_or_else(|_| unreachable_queue()),
+            kick: None,
+            call: None,
+            // Enabled until the frontend says otherwise: the `vhost` crate
+            // refuses SET_VRING_ENABLE before SET_FEATURES has acked
+            // protocol features, and QEMU sends its enables just then.
+            enabled: true,
+            started: false,
         }
     }
 
+    fn runs(&self) -> bool {
+        self.enabled && self.started && self.queue.ready()
+    }
+
+    /// Tells the guest about used buffers (if it wants to hear).
+    fn notify(&mut self, mem: &GuestMemoryMmap) {
+        if self.queue.needs_notification(mem).unwrap_or(true)
+            && let Some(call) = self.call.as_mut()
+        {
+            let _ = call.write(&1u64.to_ne_bytes());
+        }
+    }
+}
+
+/// `Queue::new` fails only for sizes that are not powers of two.
+fn unreachable_queue() -> Queue {
+    match Queue::new(256) {
+        Ok(q) => q,
+        Err(e) => panic!("virtio-queue refuses a queue of 256: {e}"),
+    }
+}
+
+/// A frontend's memory region: where it is in the guest and in the
+/// frontend's address space (vring addresses come in the latter).
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    gpa: u64,
+    size: u64,
+    frontend_va: u64,
+}
+
+/// The device side of one vhost-user-net socket: what the frontend set
+/// up, and the frames moved through it.
+#[derive(Debug)]
+pub struct Device {
+    mac: Mac,
+    mtu: u16,
+    offloads: bool,
+    owned: bool,
+    acked: u64,
+    acked_protocol: u64,
+    mem: Option<GuestMemoryMmap>,
+    regions: Vec<Region>,
+    vqs: [Vq; 2],
+    connected: bool,
+    counters: QueueCounters,
+}
+
+impl Device {
+    fn new(mac: Mac, mtu: u32, offloads: bool) -> Device {
+        Device {
+            mac,
+            mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
+            offloads,
+            owned: false,
+            acked: 0,
+            acked_protocol: 0,
+            mem: None,
+            regions: Vec::new(),
+            vqs: [Vq::new(), Vq::new()],
+            connected: false,
+            counters: QueueCounters::default(),
+        }
+    }
+
+    /// The features offered to the frontend.
     fn offered(&self) -> u64 {
         let mut f = feature::VERSION_1
             | feature::MRG_RXBUF
@@ -232,64 +243,63 @@ impl Backend {
         f
     }
 
-    fn connected(&self, handle: Option<ShutdownHandle>) {
-        let mut st = self.state();
-        st.connected = true;
-        st.counters.connections += 1;
-        st.shutdown = handle;
+    /// Forgets the frontend: a new one starts from nothing.
+    fn reset(&mut self) {
+        let counters = self.counters;
+        *self = Device::new(self.mac, u32::from(self.mtu), self.offloads);
+        self.counters = counters;
     }
 
-    fn disconnected(&self) {
-        let mut st = self.state();
-        st.connected = false;
-        st.disconnected = true;
-        st.vrings.clear();
-        st.mem = None;
-        st.acked = 0;
-        st.event_idx = false;
-        st.shutdown = None;
-        drop(st);
-        let _ = self.wake.write(1);
-    }
-
-    fn header_len(acked: u64) -> usize {
-        if acked & (feature::VERSION_1 | feature::MRG_RXBUF) != 0 {
+    fn header_len(&self) -> usize {
+        if self.acked & (feature::VERSION_1 | feature::MRG_RXBUF) != 0 {
             HDR_LEN
         } else {
             LEGACY_HDR_LEN
         }
     }
 
+    fn gpa(&self, frontend_va: u64) -> VuResult<u64> {
+        self.regions
+            .iter()
+            .find(|r| frontend_va >= r.frontend_va && frontend_va - r.frontend_va < r.size)
+            .map(|r| frontend_va - r.frontend_va + r.gpa)
+            .ok_or(VuError::InvalidParam)
+    }
+
+    fn vq(&mut self, index: u32) -> VuResult<&mut Vq> {
+        self.vqs
+            .get_mut(index as usize)
+            .ok_or(VuError::InvalidParam)
+    }
+
+    fn ready(&self) -> bool {
+        self.mem.is_some() && self.vqs.iter().all(Vq::runs)
+    }
+
     /// Takes one frame from the transmit queue into `buf` behind a 12-byte
     /// virtio-net header.
-    fn pop_tx(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut st = self.state();
-        let (Some(mem), Some(vring)) = (st.mem.clone(), st.vrings.get(TXQ).cloned()) else {
+    fn pop_tx(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let hdr = self.header_len();
+        let event_idx = self.acked & feature::EVENT_IDX != 0;
+        let Some(mem) = self.mem.as_ref() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
-        let hdr = Self::header_len(st.acked);
-        let guard = mem.memory();
+        let vq = &mut self.vqs[TXQ];
+        if !vq.runs() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         loop {
-            let chain = {
-                let mut v = vring.get_mut();
-                if !v.is_enabled() || !v.get_queue().ready() {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                v.get_queue_mut().pop_descriptor_chain(&*guard)
-            };
-            let Some(chain) = chain else {
+            let Some(chain) = vq.queue.pop_descriptor_chain(mem) else {
                 // Re-arm; frames that came meanwhile are taken now.
-                if st.event_idx && vring.enable_notification().unwrap_or(false) {
+                if event_idx && vq.queue.enable_notification(mem).unwrap_or(false) {
                     continue;
                 }
                 return Err(io::ErrorKind::WouldBlock.into());
             };
             let head = chain.head_index();
-            let n = read_chain(chain, &guard, buf, HDR_LEN - hdr);
-            let _ = vring.add_used(head, 0);
-            if vring.needs_notification().unwrap_or(true) {
-                let _ = vring.signal_used_queue();
-            }
+            let n = read_chain(chain, mem, buf, HDR_LEN - hdr);
+            let _ = vq.queue.add_used(mem, head, 0);
+            vq.notify(mem);
             match n {
                 Some(n) if n >= hdr + crate::engine::eth::ETH_HLEN => {
                     if hdr == LEGACY_HDR_LEN {
@@ -297,34 +307,31 @@ impl Backend {
                         buf.copy_within(HDR_LEN - hdr..HDR_LEN - hdr + LEGACY_HDR_LEN, 0);
                         buf[LEGACY_HDR_LEN..HDR_LEN].fill(0);
                     }
-                    st.counters.tx_frames += 1;
+                    self.counters.tx_frames += 1;
                     return Ok(n + HDR_LEN - hdr);
                 }
-                _ => st.counters.tx_bad_chains += 1,
+                _ => self.counters.tx_bad_chains += 1,
             }
         }
     }
 
     /// Writes one frame (`buf`: 12-byte virtio-net header, then the
     /// Ethernet frame) into the receive queue.
-    fn push_rx(&self, buf: &[u8]) -> io::Result<usize> {
-        let mut st = self.state();
-        let (Some(mem), Some(vring)) = (st.mem.clone(), st.vrings.get(RXQ).cloned()) else {
-            st.counters.rx_no_buffers += 1;
-            return Err(io::ErrorKind::WouldBlock.into());
-        };
+    fn push_rx(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let hdr = self.header_len();
+        let mergeable = self.acked & feature::MRG_RXBUF != 0;
         let (Some(vhdr), Some(frame)) = (buf.get(..LEGACY_HDR_LEN), buf.get(HDR_LEN..)) else {
             return Err(io::ErrorKind::InvalidInput.into());
         };
-        let hdr = Self::header_len(st.acked);
-        let mergeable = st.acked & feature::MRG_RXBUF != 0;
-        let total = hdr + frame.len();
-        let guard = mem.memory();
-        let mut v = vring.get_mut();
-        if !v.is_enabled() || !v.get_queue().ready() {
-            st.counters.rx_no_buffers += 1;
+        let (Some(mem), vq) = (self.mem.as_ref(), &mut self.vqs[RXQ]) else {
+            self.counters.rx_no_buffers += 1;
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        if !vq.runs() {
+            self.counters.rx_no_buffers += 1;
             return Err(io::ErrorKind::WouldBlock.into());
         }
+        let total = hdr + frame.len();
         // Gather writable buffers, chain by chain, until the frame fits.
         let mut descs = [(GuestAddress(0), 0u32); MAX_RX_DESCS];
         let mut nd = 0;
@@ -332,13 +339,14 @@ impl Backend {
         let mut nh = 0;
         let mut room = 0usize;
         while room < total {
-            let Some(chain) = v.get_queue_mut().pop_descriptor_chain(&*guard) else {
+            let Some(chain) = vq.queue.pop_descriptor_chain(mem) else {
                 break;
             };
+            let head = chain.head_index();
             let first = nd;
             let mut ok = true;
             let mut more = false;
-            for d in chain.clone() {
+            for d in chain {
                 if !d.is_write_only() || nd == MAX_RX_DESCS {
                     ok = false;
                     break;
@@ -352,15 +360,13 @@ impl Backend {
             ok &= !more;
             if !ok || nd == first {
                 // A chain we cannot write: give it back used, empty.
-                st.counters.rx_bad_chains += 1;
+                self.counters.rx_bad_chains += 1;
                 room -= descs[first..nd].iter().map(|d| d.1 as usize).sum::<usize>();
                 nd = first;
-                drop(v);
-                let _ = vring.add_used(chain.head_index(), 0);
-                v = vring.get_mut();
+                let _ = vq.queue.add_used(mem, head, 0);
                 continue;
             }
-            heads[nh] = (chain.head_index(), first, nd);
+            heads[nh] = (head, first, nd);
             nh += 1;
             if !mergeable || nh == MAX_RX_DESCS {
                 break;
@@ -369,16 +375,16 @@ impl Backend {
         if room < total {
             // Not enough buffers: put the chains back for the next frame.
             for _ in 0..nh {
-                v.get_queue_mut().go_to_previous_position();
+                vq.queue.go_to_previous_position();
             }
             if nh == 0 {
-                st.counters.rx_no_buffers += 1;
+                self.counters.rx_no_buffers += 1;
             } else {
-                st.counters.rx_too_big += 1;
+                self.counters.rx_too_big += 1;
             }
+            vq.notify(mem);
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        drop(v);
         // Header (num_buffers = chains used), then the frame.
         let mut h = [0u8; HDR_LEN];
         h[..LEGACY_HDR_LEN].copy_from_slice(vhdr);
@@ -393,7 +399,7 @@ impl Backend {
                 if n == 0 {
                     break;
                 }
-                if !write_pieces(&guard, addr, &pieces, at, n) {
+                if !write_pieces(mem, addr, &pieces, at, n) {
                     failed = true;
                 }
                 at += n;
@@ -401,83 +407,283 @@ impl Backend {
             }
         }
         for (k, &(head, _, _)) in heads[..nh].iter().enumerate() {
-            let _ = vring.add_used(head, if failed { 0 } else { used[k] as u32 });
+            let _ = vq
+                .queue
+                .add_used(mem, head, if failed { 0 } else { used[k] as u32 });
         }
-        if vring.needs_notification().unwrap_or(true) {
-            let _ = vring.signal_used_queue();
-        }
+        vq.notify(mem);
         if failed {
-            st.counters.rx_bad_chains += 1;
+            self.counters.rx_bad_chains += 1;
             return Err(io::ErrorKind::InvalidData.into());
         }
-        st.counters.rx_frames += 1;
+        self.counters.rx_frames += 1;
         Ok(buf.len())
     }
 
-    /// Serves frontends on the socket, one after another, until
-    /// [`Backend::stop`]. A stale socket file is replaced.
-    pub fn serve(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
-        if UnixStream::connect(&self.socket).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another process serves this vhost-user socket",
-            ));
+    /// The config space window the frontend asks for: `virtio_net_config`
+    /// with mac @0, status @6 (no STATUS feature: 0), max_virtqueue_pairs
+    /// @8, mtu @10, zero past it; exactly `size` bytes.
+    fn config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut c = [0u8; CONFIG_LEN];
+        c[..6].copy_from_slice(&self.mac.0);
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        (0..size as usize)
+            .map(|k| {
+                (offset as usize)
+                    .checked_add(k)
+                    .and_then(|i| c.get(i))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+fn unsupported<T>(what: &'static str) -> VuResult<T> {
+    Err(VuError::InvalidOperation(what))
+}
+
+impl VhostUserBackendReqHandlerMut for Device {
+    fn set_owner(&mut self) -> VuResult<()> {
+        if self.owned {
+            return Err(VuError::InvalidOperation("already owned"));
         }
-        let mut listener = Listener::new(&self.socket, true).map_err(io::Error::other)?;
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("vhost-user".into())
-            .spawn(move || me.accept_loop(&mut listener))
+        self.owned = true;
+        Ok(())
     }
 
-    fn accept_loop(self: &Arc<Self>, listener: &mut Listener) {
-        let name = self.socket.display().to_string();
-        while !self.stop.load(Ordering::Acquire) {
-            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let mut daemon = match VhostUserDaemon::new(name.clone(), self.clone(), mem) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(socket = %name, "vhost-user: {e}");
-                    return;
-                }
-            };
-            if let Err(e) = daemon.start(listener) {
-                if !self.stop.load(Ordering::Acquire) {
-                    tracing::warn!(socket = %name, "vhost-user: accepting a frontend: {e}");
-                }
-                continue;
-            }
-            if self.stop.load(Ordering::Acquire) {
-                daemon.request_shutdown();
-            }
-            self.connected(daemon.shutdown_handle());
-            tracing::info!(socket = %name, "vhost-user frontend connected");
-            match daemon.wait() {
-                Ok(()) => tracing::info!(socket = %name, "vhost-user frontend left"),
-                Err(e) => tracing::info!(socket = %name, "vhost-user frontend left: {e}"),
-            }
-            for h in daemon.get_epoll_handlers() {
-                h.send_exit_event();
-            }
-            drop(daemon);
-            self.disconnected();
-        }
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
     }
 
-    /// Ends the current connection and the accept loop (the caller joins
-    /// the thread [`Backend::serve`] returned), and removes the socket.
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.state().shutdown.take() {
-            h.shutdown();
-        }
-        // Wake a blocked accept with a connection of our own.
-        let _ = UnixStream::connect(&self.socket);
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.reset();
+        Ok(())
     }
 
-    /// Removes the socket file.
-    pub fn remove_socket(&self) {
-        let _ = std::fs::remove_file(&self.socket);
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.offered())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !self.offered() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.acked = features;
+        let event_idx = features & feature::EVENT_IDX != 0;
+        for vq in &mut self.vqs {
+            vq.queue.set_event_idx(event_idx);
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() > MAX_REGIONS || ctx.len() != files.len() {
+            return Err(VuError::InvalidParam);
+        }
+        let mut regions = Vec::with_capacity(ctx.len());
+        let mut table = Vec::with_capacity(ctx.len());
+        for (r, file) in ctx.iter().zip(files) {
+            let mapped =
+                GuestRegionMmap::new(r.mmap_region(file)?, GuestAddress(r.guest_phys_addr))
+                    .ok_or(VuError::InvalidParam)?;
+            regions.push(mapped);
+            table.push(Region {
+                gpa: r.guest_phys_addr,
+                size: r.memory_size,
+                frontend_va: r.user_addr,
+            });
+        }
+        // Overlapping or otherwise unusable tables are refused here.
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| VuError::ReqHandlerError(io::Error::other(e)))?;
+        self.mem = Some(mem);
+        self.regions = table;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let num = u16::try_from(num).map_err(|_| VuError::InvalidParam)?;
+        if usize::from(num) > MAX_QUEUE_SIZE {
+            return Err(VuError::InvalidParam);
+        }
+        self.vq(index)?
+            .queue
+            .try_set_size(num)
+            .map_err(|_| VuError::InvalidParam)
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let (d, u, a) = (self.gpa(descriptor)?, self.gpa(used)?, self.gpa(available)?);
+        let vq = self.vq(index)?;
+        vq.queue
+            .try_set_desc_table_address(GuestAddress(d))
+            .and_then(|()| vq.queue.try_set_used_ring_address(GuestAddress(u)))
+            .and_then(|()| vq.queue.try_set_avail_ring_address(GuestAddress(a)))
+            .map_err(|_| VuError::InvalidParam)?;
+        vq.queue.set_ready(true);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+        let vq = self.vq(index)?;
+        vq.queue.set_next_avail(base);
+        vq.queue.set_next_used(base);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        // The ring stops; nothing of ours points into it (frames are
+        // copied), so it may go at once.
+        tracing::debug!(index, "GET_VRING_BASE");
+        let vq = self.vq(index)?;
+        vq.started = false;
+        vq.queue.set_ready(false);
+        vq.kick = None;
+        vq.call = None;
+        Ok(VhostUserVringState::new(
+            index,
+            u32::from(vq.queue.next_avail()),
+        ))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        tracing::debug!(index, fd = fd.is_some(), "SET_VRING_KICK");
+        let vq = self.vq(u32::from(index))?;
+        vq.started = fd.is_some();
+        vq.kick = fd;
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.vq(u32::from(index))?.call = fd;
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vq(u32::from(index)).map(|_| ())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.acked_protocol = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(2)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        tracing::debug!(index, enable, "SET_VRING_ENABLE");
+        self.vq(index)?.enabled = enable;
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _f: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        Ok(self.config(offset, size))
+    }
+
+    fn set_config(&mut self, _offset: u32, _buf: &[u8], _f: VhostUserConfigFlags) -> VuResult<()> {
+        unsupported("the config space is read-only")
+    }
+
+    fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VuResult<()> {
+        unsupported("not a GPU")
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        unsupported("no shared objects")
+    }
+
+    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        unsupported("no inflight tracking")
+    }
+
+    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _file: File) -> VuResult<()> {
+        unsupported("no inflight tracking")
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        unsupported("memory slots are not offered")
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _r: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        unsupported("memory slots are not offered")
+    }
+
+    fn remove_mem_region(&mut self, _r: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        unsupported("memory slots are not offered")
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _d: VhostTransferStateDirection,
+        _p: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        unsupported("no migration")
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        unsupported("no migration")
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        unsupported("no shared memory regions")
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        unsupported("no dirty logging")
+    }
+}
+
+/// The guest's side of its endpoint, for the interface.
+#[derive(Debug, Clone)]
+pub struct VnicPort(Arc<Mutex<Device>>);
+
+fn lock(d: &Mutex<Device>) -> MutexGuard<'_, Device> {
+    // Only the event loop's thread uses it; a poisoned lock still holds
+    // plain data.
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl HostPort for VnicPort {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        lock(&self.0).pop_tx(buf)
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        lock(&self.0).push_rx(buf)
     }
 }
 
@@ -536,92 +742,6 @@ fn write_pieces(
         left -= take;
     }
     left == 0
-}
-
-impl VhostUserBackend for Backend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        2
-    }
-
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
-        self.offered()
-    }
-
-    fn acked_features(&self, features: u64) {
-        self.state().acked = features;
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
-        self.state().event_idx = enabled;
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // virtio_net_config: mac @0, status @6 (no STATUS feature: 0),
-        // max_virtqueue_pairs @8, mtu @10; zero past it.
-        let mut c = [0u8; CONFIG_LEN];
-        c[..6].copy_from_slice(&self.mac.0);
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
-        c[10..12].copy_from_slice(&self.state().mtu.to_le_bytes());
-        let mut out = vec![0u8; size as usize];
-        for (k, b) in out.iter_mut().enumerate() {
-            if let Some(v) = (offset as usize).checked_add(k).and_then(|i| c.get(i)) {
-                *b = *v;
-            }
-        }
-        out
-    }
-
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.state().mem = Some(mem);
-        Ok(())
-    }
-
-    fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
-    }
-
-    fn handle_event(
-        &self,
-        _event: u16,
-        _set: EventSet,
-        vrings: &[VringRwLock],
-        _thread: usize,
-    ) -> io::Result<()> {
-        {
-            let mut st = self.state();
-            if st.connected && st.vrings.len() != vrings.len() {
-                st.vrings = vrings.to_vec();
-            }
-        }
-        self.wake.write(1)
-    }
-}
-
-/// The guest's side of its endpoint, for the interface.
-#[derive(Debug, Clone)]
-pub struct VnicPort(pub Arc<Backend>);
-
-impl HostPort for VnicPort {
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.pop_tx(buf)
-    }
-
-    fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.0.push_rx(buf)
-    }
 }
 
 /// One `--vhost-user` socket of an interface.
@@ -713,65 +833,225 @@ pub fn feature_names(features: u64) -> Vec<&'static str> {
     .collect()
 }
 
-/// A served socket: its device, the interface endpoint behind it and the
-/// thread accepting its frontends.
-#[derive(Debug)]
+/// Which of a vNIC's descriptors an event is for (its offset from the
+/// vNIC's first event id).
+const EV_LISTEN: u64 = 0;
+const EV_CONN: u64 = 1;
+const EV_KICK: u64 = 2;
+/// Event ids a vNIC uses: listener, connection, and one kick per queue.
+pub const EVENT_IDS: u64 = 4;
+
+/// A served socket: the device, the interface endpoint behind it, and
+/// its descriptors in the event loop's wait set.
 pub struct Vnic {
     /// The endpoint on the interface.
     pub endpoint: EndpointId,
-    /// The vhost-user device.
-    pub backend: Arc<Backend>,
-    thread: Option<JoinHandle<()>>,
+    socket: PathBuf,
+    listener: Listener,
+    device: Arc<Mutex<Device>>,
+    conn: Option<(BackendReqHandler<Mutex<Device>>, UnixStream)>,
+    /// Kick descriptors registered, per queue.
+    kicks: [Option<RawFd>; 2],
+    base: u64,
+}
+
+impl std::fmt::Debug for Vnic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vnic")
+            .field("endpoint", &self.endpoint)
+            .field("socket", &self.socket)
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Vnic {
-    /// Creates the endpoint for `spec` on `link` and starts serving its
-    /// socket.
+    /// Creates the endpoint for `spec` on `link` and listens on its
+    /// socket; a socket another process serves is an error, a stale one is
+    /// replaced.
     pub fn start<T: Transport>(spec: &VhostSpec, link: &mut Link<T>) -> Result<Vnic, String> {
-        let mac = spec.mac.unwrap_or_else(|| spec.default_mac(&link.gid()));
-        let socket = spec.socket.display();
-        let backend = Backend::new(&spec.socket, mac, link.mtu(), link.offloads())
+        let socket = spec.socket.display().to_string();
+        if UnixStream::connect(&spec.socket).is_ok() {
+            return Err(format!(
+                "{socket}: another process serves this vhost-user socket"
+            ));
+        }
+        let listener = Listener::new(&spec.socket, true).map_err(|e| format!("{socket}: {e}"))?;
+        listener
+            .set_nonblocking(true)
             .map_err(|e| format!("{socket}: {e}"))?;
+        let mac = spec.mac.unwrap_or_else(|| spec.default_mac(&link.gid()));
+        let device = Arc::new(Mutex::new(Device::new(mac, link.mtu(), link.offloads())));
         let cfg = GuestConfig {
             mac,
             learn_mac: spec.mac.is_none(),
             allowed: spec.addresses.clone(),
         };
         let endpoint = link
-            .add_guest(cfg, Box::new(VnicPort(backend.clone())))
+            .add_guest(cfg, Box::new(VnicPort(device.clone())))
             .map_err(|e| format!("{socket}: creating the vNIC's endpoint: {e}"))?;
-        match backend.serve() {
-            Ok(thread) => Ok(Vnic {
-                endpoint,
-                backend,
-                thread: Some(thread),
-            }),
-            Err(e) => {
-                for err in link.remove_guest(endpoint) {
-                    tracing::warn!("{err}");
+        Ok(Vnic {
+            endpoint,
+            socket: spec.socket.clone(),
+            listener,
+            device,
+            conn: None,
+            kicks: [None; 2],
+            base: 0,
+        })
+    }
+
+    /// Puts the listening socket in `epoll` under ids `base..base +
+    /// EVENT_IDS`.
+    pub fn register(&mut self, epoll: &Epoll, base: u64) -> io::Result<()> {
+        self.base = base;
+        epoll.ctl(
+            ControlOperation::Add,
+            self.listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, base + EV_LISTEN),
+        )
+    }
+
+    /// Whether event `id` is one of ours.
+    pub fn owns(&self, id: u64) -> bool {
+        (self.base..self.base + EVENT_IDS).contains(&id)
+    }
+
+    /// Handles event `id`: a frontend connecting, a request from it, or a
+    /// kick (the event loop then moves the frames).
+    pub fn event<T: Transport>(&mut self, id: u64, epoll: &Epoll, link: &mut Link<T>) {
+        match id - self.base {
+            EV_LISTEN => self.accept(epoll),
+            EV_CONN => self.request(epoll, link),
+            k => {
+                let q = (k - EV_KICK) as usize;
+                let mut d = lock(&self.device);
+                if let Some(kick) = d.vqs.get_mut(q).and_then(|v| v.kick.as_mut()) {
+                    let mut b = [0u8; 8];
+                    let _ = kick.read(&mut b);
                 }
-                Err(format!("{socket}: {e}"))
             }
         }
     }
 
-    /// Called when its wake-up fd is readable: a frontend that left is
-    /// forgotten by the endpoint.
-    pub fn wake<T: Transport>(&self, link: &mut Link<T>) {
-        self.backend.consume_wake();
-        if self.backend.take_disconnected() {
-            link.reset_guest(self.endpoint);
+    fn accept(&mut self, epoll: &Epoll) {
+        let Ok(Some(stream)) = self.listener.accept() else {
+            return;
+        };
+        if self.conn.is_some() {
+            // One frontend at a time; this one is told by the close.
+            tracing::info!(socket = %self.socket.display(), "refusing a second frontend");
+            return;
+        }
+        let Ok(watch) = stream.try_clone() else {
+            return;
+        };
+        let handler = BackendReqHandler::from_stream(stream, self.device.clone());
+        if epoll
+            .ctl(
+                ControlOperation::Add,
+                watch.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, self.base + EV_CONN),
+            )
+            .is_err()
+        {
+            return;
+        }
+        {
+            let mut d = lock(&self.device);
+            d.reset();
+            d.connected = true;
+            d.counters.connections += 1;
+        }
+        tracing::info!(socket = %self.socket.display(), "vhost-user frontend connected");
+        self.conn = Some((handler, watch));
+    }
+
+    fn request<T: Transport>(&mut self, epoll: &Epoll, link: &mut Link<T>) {
+        let Some((handler, _)) = self.conn.as_mut() else {
+            return;
+        };
+        match handler.handle_request() {
+            Ok(()) => self.sync_kicks(epoll),
+            Err(VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_)) => {
+                tracing::info!(socket = %self.socket.display(), "vhost-user frontend left");
+                self.disconnect(epoll, link);
+            }
+            Err(e) => {
+                // The crate has answered the request with an error where
+                // the protocol allows; a broken stream ends the connection.
+                lock(&self.device).counters.bad_requests += 1;
+                tracing::info!(socket = %self.socket.display(), "vhost-user request refused: {e}");
+                if matches!(e, VuError::SocketError(_) | VuError::SocketRetry(_)) {
+                    self.disconnect(epoll, link);
+                }
+            }
         }
     }
 
-    /// Ends the connection and the accept loop, removes the socket, and
-    /// removes the endpoint from `link`; returns what failed.
-    pub fn stop<T: Transport>(mut self, link: &mut Link<T>) -> Vec<String> {
-        self.backend.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Keeps the wait set's kick descriptors in step with the device's.
+    fn sync_kicks(&mut self, epoll: &Epoll) {
+        let d = lock(&self.device);
+        for q in 0..2 {
+            let fd = d.vqs[q].kick.as_ref().map(AsRawFd::as_raw_fd);
+            if fd == self.kicks[q] {
+                continue;
+            }
+            if let Some(old) = self.kicks[q] {
+                let _ = epoll.ctl(ControlOperation::Delete, old, EpollEvent::default());
+            }
+            self.kicks[q] = fd.filter(|fd| {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        *fd,
+                        EpollEvent::new(EventSet::IN, self.base + EV_KICK + q as u64),
+                    )
+                    .is_ok()
+            });
         }
-        self.backend.remove_socket();
+    }
+
+    fn disconnect<T: Transport>(&mut self, epoll: &Epoll, link: &mut Link<T>) {
+        if let Some((_, watch)) = self.conn.take() {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                watch.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        for fd in self.kicks.iter_mut().filter_map(Option::take) {
+            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        let mut d = lock(&self.device);
+        d.reset();
+        d.connected = false;
+        drop(d);
+        link.reset_guest(self.endpoint);
+    }
+
+    /// Sets the MTU presented in the config space.
+    pub fn set_mtu(&self, mtu: u32) {
+        lock(&self.device).mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+    }
+
+    /// The socket, connection state, negotiated features and counters.
+    pub fn status(&self) -> Status {
+        let d = lock(&self.device);
+        Status {
+            socket: self.socket.clone(),
+            connected: d.connected,
+            ready: d.ready(),
+            features: d.acked,
+            counters: d.counters,
+        }
+    }
+
+    /// Closes the connection and the socket and removes the endpoint from
+    /// `link`; returns what failed.
+    pub fn stop<T: Transport>(self, link: &mut Link<T>) -> Vec<String> {
+        drop(self.conn);
+        let _ = std::fs::remove_file(&self.socket);
         link.remove_guest(self.endpoint)
     }
 }
@@ -794,52 +1074,53 @@ mod tests {
     const WRITE: u16 = 2;
 
     struct Rig {
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        backend: Arc<Backend>,
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<Device>>,
         avail_idx: [u16; 2],
     }
 
     impl Rig {
         fn new(acked: u64) -> Rig {
-            let m = GuestMemoryMmap::from_ranges(&[
+            let mem = GuestMemoryMmap::from_ranges(&[
                 (GuestAddress(LOW.0), LOW.1),
                 (GuestAddress(HIGH.0), HIGH.1),
             ])
             .unwrap();
-            let mem = GuestMemoryAtomic::new(m);
-            let backend = Backend::new(
-                Path::new("/nonexistent/vm.sock"),
-                Mac([0x52, 0x54, 0, 0, 0, 1]),
-                2044,
-                false,
-            )
-            .unwrap();
-            let mut vrings = Vec::new();
-            for q in 0..2 {
-                let v = VringRwLock::new(mem.clone(), QSIZE).unwrap();
-                v.set_queue_size(QSIZE);
-                v.set_queue_info(DESC[q], AVAIL[q], USED[q]).unwrap();
-                v.set_queue_ready(true);
-                v.set_enabled(true);
-                vrings.push(v);
-            }
-            {
-                let mut st = backend.state();
-                st.mem = Some(mem.clone());
-                st.vrings = vrings;
-                st.acked = acked;
-                st.connected = true;
+            let mut d = Device::new(Mac([0x52, 0x54, 0, 0, 0, 1]), 2044, false);
+            // As SET_MEM_TABLE, SET_FEATURES and the SET_VRING_* requests
+            // would leave it.
+            d.mem = Some(mem.clone());
+            d.acked = acked;
+            d.connected = true;
+            for (q, vq) in d.vqs.iter_mut().enumerate() {
+                vq.queue.try_set_size(QSIZE).unwrap();
+                vq.queue
+                    .try_set_desc_table_address(GuestAddress(DESC[q]))
+                    .unwrap();
+                vq.queue
+                    .try_set_avail_ring_address(GuestAddress(AVAIL[q]))
+                    .unwrap();
+                vq.queue
+                    .try_set_used_ring_address(GuestAddress(USED[q]))
+                    .unwrap();
+                vq.queue.set_ready(true);
+                vq.enabled = true;
+                vq.started = true;
             }
             Rig {
                 mem,
-                backend,
+                device: Arc::new(Mutex::new(d)),
                 avail_idx: [0, 0],
             }
         }
 
+        fn port(&self) -> VnicPort {
+            VnicPort(self.device.clone())
+        }
+
         fn desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
             let at = GuestAddress(DESC[q] + u64::from(i) * 16);
-            let m = self.mem.memory();
+            let m = &self.mem;
             m.write_obj(addr.to_le(), at).unwrap();
             m.write_obj(len.to_le(), GuestAddress(at.0 + 8)).unwrap();
             m.write_obj(flags.to_le(), GuestAddress(at.0 + 12)).unwrap();
@@ -848,34 +1129,31 @@ mod tests {
 
         /// Makes the chain at `head` available on queue `q`.
         fn offer(&mut self, q: usize, head: u16) {
-            let m = self.mem.memory();
             let slot = u64::from(self.avail_idx[q] % QSIZE);
-            m.write_obj(head.to_le(), GuestAddress(AVAIL[q] + 4 + slot * 2))
+            self.mem
+                .write_obj(head.to_le(), GuestAddress(AVAIL[q] + 4 + slot * 2))
                 .unwrap();
             self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
-            m.write_obj(self.avail_idx[q].to_le(), GuestAddress(AVAIL[q] + 2))
+            self.mem
+                .write_obj(self.avail_idx[q].to_le(), GuestAddress(AVAIL[q] + 2))
                 .unwrap();
         }
 
         fn used_idx(&self, q: usize) -> u16 {
-            self.mem
-                .memory()
-                .read_obj::<u16>(GuestAddress(USED[q] + 2))
-                .unwrap()
+            self.mem.read_obj::<u16>(GuestAddress(USED[q] + 2)).unwrap()
         }
 
         /// The (id, len) of used entry `k` of queue `q`.
         fn used(&self, q: usize, k: u16) -> (u32, u32) {
-            let m = self.mem.memory();
             let at = USED[q] + 4 + u64::from(k % QSIZE) * 8;
             (
-                m.read_obj(GuestAddress(at)).unwrap(),
-                m.read_obj(GuestAddress(at + 4)).unwrap(),
+                self.mem.read_obj(GuestAddress(at)).unwrap(),
+                self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
             )
         }
 
         fn counters(&self) -> QueueCounters {
-            self.backend.status().counters
+            lock(&self.device).counters
         }
     }
 
@@ -889,17 +1167,11 @@ mod tests {
     #[test]
     fn guest_frames_are_read_and_bad_chains_refused() {
         let mut r = Rig::new(feature::VERSION_1);
-        let port = VnicPort(r.backend.clone());
+        let port = r.port();
         let f = frame();
         // A good chain split over two descriptors in two regions.
-        r.mem
-            .memory()
-            .write_slice(&f[..20], GuestAddress(0x8000))
-            .unwrap();
-        r.mem
-            .memory()
-            .write_slice(&f[20..], GuestAddress(0x2_1000))
-            .unwrap();
+        r.mem.write_slice(&f[..20], GuestAddress(0x8000)).unwrap();
+        r.mem.write_slice(&f[20..], GuestAddress(0x2_1000)).unwrap();
         r.desc(TXQ, 0, 0x8000, 20, NEXT, 1);
         r.desc(TXQ, 1, 0x2_1000, (f.len() - 20) as u32, 0, 0);
         r.offer(TXQ, 0);
@@ -947,13 +1219,10 @@ mod tests {
     #[test]
     fn legacy_header_is_widened() {
         let mut r = Rig::new(0);
-        let port = VnicPort(r.backend.clone());
+        let port = r.port();
         let mut f = vec![1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10];
         f.extend([0xEE; 60]);
-        r.mem
-            .memory()
-            .write_slice(&f, GuestAddress(0x8000))
-            .unwrap();
+        r.mem.write_slice(&f, GuestAddress(0x8000)).unwrap();
         r.desc(TXQ, 0, 0x8000, f.len() as u32, 0, 0);
         r.offer(TXQ, 0);
         let mut buf = vec![0u8; 4096];
@@ -965,7 +1234,7 @@ mod tests {
     #[test]
     fn frames_for_the_guest_fill_its_buffers() {
         let mut r = Rig::new(feature::VERSION_1 | feature::MRG_RXBUF);
-        let port = VnicPort(r.backend.clone());
+        let port = r.port();
         let mut pkt = vec![0u8; HDR_LEN];
         pkt.extend((0..100u8).map(|b| b.wrapping_mul(3)));
         // Nothing posted: dropped and counted.
@@ -980,11 +1249,9 @@ mod tests {
         assert_eq!(port.send(&pkt).unwrap(), pkt.len());
         let mut got = [0u8; 112];
         r.mem
-            .memory()
             .read_slice(&mut got[..64], GuestAddress(0x9000))
             .unwrap();
         r.mem
-            .memory()
             .read_slice(&mut got[64..], GuestAddress(0x2_2000))
             .unwrap();
         assert_eq!(&got[10..12], &2u16.to_le_bytes(), "num_buffers");
@@ -1009,7 +1276,7 @@ mod tests {
     #[test]
     fn too_small_buffers_without_mergeable_rx_are_kept_for_later() {
         let mut r = Rig::new(feature::VERSION_1);
-        let port = VnicPort(r.backend.clone());
+        let port = r.port();
         let mut pkt = vec![0u8; HDR_LEN];
         pkt.extend([7u8; 200]);
         r.desc(RXQ, 0, 0x9000, 64, WRITE, 0);
@@ -1025,16 +1292,52 @@ mod tests {
     #[test]
     fn config_space_is_exact() {
         let r = Rig::new(feature::VERSION_1);
-        let c = r.backend.get_config(0, 12);
+        let d = lock(&r.device);
+        let c = d.config(0, 12);
         assert_eq!(&c[..6], &[0x52, 0x54, 0, 0, 0, 1]);
         assert_eq!(&c[8..10], &1u16.to_le_bytes(), "max_virtqueue_pairs");
         assert_eq!(&c[10..12], &2044u16.to_le_bytes(), "mtu");
         // Any window, exactly as long as asked, zero past the end.
-        assert_eq!(
-            r.backend.get_config(10, 8),
-            vec![0xfc, 0x07, 0, 0, 0, 0, 0, 0]
+        assert_eq!(d.config(10, 8), vec![0xfc, 0x07, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(d.config(u32::MAX, 4), vec![0; 4]);
+    }
+
+    #[test]
+    fn early_ring_enable_and_feature_checks() {
+        let mut d = Device::new(Mac([0x52, 0x54, 0, 0, 0, 1]), 2044, false);
+        // Rings start enabled (QEMU's early enables never reach us) and
+        // follow the frontend's word after that.
+        assert!(d.vqs.iter().all(|v| v.enabled));
+        assert!(d.set_vring_enable(0, false).is_ok());
+        assert!(!d.vqs[0].enabled);
+        assert!(d.set_vring_enable(0, true).is_ok());
+        assert!(d.set_vring_enable(2, true).is_err(), "no third queue");
+        // Features not offered are refused; offered ones taken.
+        assert!(
+            d.set_features(feature::HOST_TSO4).is_err(),
+            "no offloads here"
         );
-        assert_eq!(r.backend.get_config(u32::MAX, 4), vec![0; 4]);
+        let f = feature::VERSION_1 | feature::MRG_RXBUF | feature::PROTOCOL_FEATURES;
+        assert!(d.set_features(f).is_ok());
+        assert_eq!(d.acked, f);
+        assert!(d.set_owner().is_ok());
+        assert!(d.set_owner().is_err(), "owned once");
+        // Ring sizes: powers of two up to the maximum.
+        assert!(d.set_vring_num(0, 256).is_ok());
+        assert!(d.set_vring_num(0, 100).is_err());
+        assert!(d.set_vring_num(0, 4096).is_err());
+        // Ring addresses must be inside a region the frontend gave.
+        assert!(
+            d.set_vring_addr(
+                0,
+                VhostUserVringAddrFlags::empty(),
+                0x1000,
+                0x2000,
+                0x3000,
+                0
+            )
+            .is_err()
+        );
     }
 
     #[test]

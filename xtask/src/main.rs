@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 mod demo;
+mod qemu;
 
 /// Debian packages the test suites need, with a program each provides.
 /// Suites that start real third-party peers add theirs here.
@@ -133,7 +134,14 @@ fn test() -> Result<(), String> {
         "cargo check (hardware-only build, no software HCA)",
         cargo().args(["check", "-p", "ipoib-device", "--no-default-features"]),
     )?;
-    run("cargo test", cargo().args(["test", "--workspace"]))?;
+    // The vhost-user suite boots this guest (device/tests/vhost_qemu.rs).
+    let guest = qemu::prepare(&root())?;
+    run(
+        "cargo test",
+        cargo()
+            .args(["test", "--workspace"])
+            .env("IPOIB_QEMU_GUEST", &guest),
+    )?;
     println!(
         "==> all checks passed in {:.0} s",
         t.elapsed().as_secs_f64()
@@ -323,8 +331,9 @@ fn main() -> ExitCode {
         "demo" => demo(),
         "bench" => bench(),
         "bench-ipoib" => ipoib_versus_veth(),
+        "guest" => qemu::prepare(&root()).map(|d| println!("QEMU guest in {}", d.display())),
         _ => {
-            eprintln!("usage: cargo xtask <demo | test | bench | bench-ipoib>");
+            eprintln!("usage: cargo xtask <demo | test | bench | bench-ipoib | guest>");
             return ExitCode::from(2);
         }
     };

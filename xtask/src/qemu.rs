@@ -1,0 +1,113 @@
+//! The QEMU guest the vhost-user tests boot: QEMU 7.2 unpacked beside the
+//! system (installing `qemu-system-x86` would remove the newer
+//! `qemu-utils` some machines carry), a Debian kernel, and a busybox
+//! initramfs whose init brings eth0 up with the addresses given on the
+//! kernel command line, pings the peers, fetches a file over TCP, prints
+//! the results on the serial console and powers off.
+//!
+//! Everything lands in `target/qemu-guest/`; a complete directory is kept.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{ensure_packages, run};
+
+/// Where the guest is prepared.
+pub fn dir(root: &Path) -> PathBuf {
+    root.join("target/qemu-guest")
+}
+
+/// The guest's init: its settings come from the kernel command line
+/// (`ipoib.ip4=`, `ipoib.ip6=`, `ipoib.peer4=`, `ipoib.peer6=`,
+/// `ipoib.url=`).
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for kv in $(cat /proc/cmdline); do
+  case "$kv" in
+    ipoib.*=*) k=${kv%%=*}; k=${k#ipoib.}; eval "CFG_$k=${kv#*=}" ;;
+  esac
+done
+echo "GUEST-UP"
+for m in failover net_failover virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_net; do
+  insmod /lib/modules/$m.ko || echo "GUEST-INSMOD-FAILED $m"
+done
+ip link set eth0 up
+ip addr add "$CFG_ip4" dev eth0
+ip -6 addr add "$CFG_ip6" dev eth0
+echo "GUEST-ETH0 mtu=$(cat /sys/class/net/eth0/mtu)"
+# Duplicate address detection takes a second.
+sleep 2
+if ping -c 3 -W 3 "$CFG_peer4" > /tmp/p4; then echo "GUEST-PING4-OK"; else echo "GUEST-PING4-FAILED"; cat /tmp/p4; fi
+if ping -6 -c 3 -W 3 "$CFG_peer6" > /tmp/p6; then echo "GUEST-PING6-OK"; else echo "GUEST-PING6-FAILED"; cat /tmp/p6; fi
+if ping -c 2 -s 3000 -W 3 "$CFG_peer4" > /tmp/pf; then echo "GUEST-PING-FRAG-OK"; else echo "GUEST-PING-FRAG-FAILED"; fi
+echo "GUEST-TCP bytes=$(wget -q -O - "$CFG_url" | wc -c)"
+echo "GUEST-STATS tx=$(cat /sys/class/net/eth0/statistics/tx_packets) rx=$(cat /sys/class/net/eth0/statistics/rx_packets)"
+echo "GUEST-DONE"
+poweroff -f
+"#;
+
+/// The preparation, as a shell script run in the guest directory.
+const PREPARE: &str = r#"set -e
+mkdir -p debs pkg k ir/bin ir/proc ir/sys ir/dev ir/lib/modules ir/tmp
+(cd debs && apt-get download -q qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu)
+for d in debs/qemu-system-*.deb debs/seabios*.deb debs/ipxe-qemu*.deb; do dpkg -x "$d" pkg; done
+if ldd pkg/usr/bin/qemu-system-x86_64 | grep 'not found'; then echo 'QEMU is missing libraries' >&2; exit 1; fi
+KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+(cd debs && apt-get download -q "$KPKG")
+dpkg-deb --fsys-tarfile debs/${KPKG}_*.deb | tar -x -C k --wildcards './boot/vmlinuz-*' \
+  './lib/modules/*/kernel/drivers/virtio/virtio*.ko' './lib/modules/*/kernel/drivers/net/virtio_net.ko' \
+  './lib/modules/*/kernel/drivers/net/net_failover.ko' './lib/modules/*/kernel/net/core/failover.ko'
+cp k/boot/vmlinuz-* vmlinuz
+cp /bin/busybox ir/bin/
+find k/lib/modules -name '*.ko' -exec cp {} ir/lib/modules/ \;
+cp init ir/init && chmod +x ir/init
+(cd ir && find . | cpio -o -H newc 2>/dev/null | gzip -1) > initrd.gz
+rm -rf debs k ir
+touch ready
+"#;
+
+/// Prepares the guest unless a complete one is there.
+pub fn prepare(root: &Path) -> Result<PathBuf, String> {
+    let dir = dir(root);
+    if dir.join("ready").is_file() {
+        return Ok(dir);
+    }
+    // busybox-static: the initramfs shell; cpio packs it; QEMU's own
+    // shared libraries come from the distribution.
+    ensure_packages(&[("busybox-static", "busybox"), ("cpio", "cpio")])?;
+    let deps = Command::new("apt-cache")
+        .args(["depends", "qemu-system-x86"])
+        .output()
+        .map_err(|e| format!("apt-cache: {e}"))?;
+    let libs: Vec<String> = String::from_utf8_lossy(&deps.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .filter(|p| p.starts_with("lib") || p.starts_with("zlib"))
+        .filter(|p| !p.starts_with('<'))
+        .map(str::to_string)
+        .collect();
+    if !libs.is_empty() {
+        run(
+            "apt-get install (QEMU's libraries)",
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "--no-upgrade",
+                ])
+                .args(&libs)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(dir.join("init"), INIT).map_err(|e| format!("writing init: {e}"))?;
+    run(
+        "prepare the QEMU guest (QEMU 7.2, Debian kernel, busybox initramfs)",
+        Command::new("sh").args(["-c", PREPARE]).current_dir(&dir),
+    )?;
+    Ok(dir)
+}
