@@ -27,6 +27,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("librte-net-virtio23", "dpdk-testpmd"),
     ("librte-net-vhost23", "dpdk-testpmd"),
     ("librte-mempool-ring23", "dpdk-testpmd"),
+    // The host's HTTP server in the QEMU guest test (device/tests/vhost_qemu.rs).
+    ("busybox-static", "busybox"),
 ];
 
 fn root() -> PathBuf {

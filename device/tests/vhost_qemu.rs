@@ -1,0 +1,162 @@
+//! A QEMU guest (TCG; virtio-net-pci with INTx, `vectors=0`) whose NIC is
+//! attached to the vhost-user backend: from inside the guest, IPv4 and
+//! IPv6 pings to a host on the other side of the simulated fabric (ARP and
+//! ND resolved through the Ethernet ⇄ IPoIB translation), a ping that
+//! fragments over the 2044-byte MTU, and a 1 MB TCP download. The guest
+//! is prepared by `cargo xtask test` (QEMU 7.2, a Debian kernel, a
+//! busybox initramfs; see xtask/src/qemu.rs) and found through
+//! `IPOIB_QEMU_GUEST`. Root only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipoib_control::{Command as Ask, Reply};
+use ipoib_sim::{Fabric, FabricConfig};
+
+mod common;
+use common::{Daemon, Netns};
+
+const BLOB: usize = 1_000_000;
+
+fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("IPOIB_QEMU_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/qemu-guest"));
+    assert!(
+        dir.join("ready").is_file(),
+        "no QEMU guest in {} (cargo xtask test prepares it; `cargo xtask guest` alone too)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn qemu_guest_pings_and_downloads_across_the_fabric() {
+    let g = guest_dir();
+    let dir = std::env::temp_dir().join(format!("ipoib-qemu-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    let blob: Vec<u8> = (0..BLOB).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("www/blob"), &blob).unwrap();
+    let socket = dir.join("fabric.sock");
+    let fabric = Arc::new(Fabric::new(FabricConfig::default()).unwrap());
+    let listener = UnixListener::bind(&socket).unwrap();
+    let f2 = fabric.clone();
+    std::thread::spawn(move || ipoib_sim::remote::serve(&f2, &listener));
+    let vm_sock = dir.join("vm.sock");
+    let spec = format!("ib0={}", vm_sock.display());
+
+    let (na, nb) = (Netns::new("qa"), Netns::new("qb"));
+    let a = Daemon::start(&socket, &na, &["198.19.0.2/24", "fd00:56::2/64"]);
+    let b = Daemon::start_with(&socket, &nb, &["198.19.0.3/24"], &["--vhost-user", &spec]);
+    // Host a serves the file over HTTP (busybox, as the guest's wget).
+    let mut httpd = Command::new("ip")
+        .args([
+            "netns", "exec", &na.0, "busybox", "httpd", "-f", "-p", "8000", "-h",
+        ])
+        .arg(dir.join("www"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox (busybox-static) must be installed; cargo xtask test installs it");
+
+    let module_dir = g.join("pkg/usr/lib/x86_64-linux-gnu/qemu");
+    let share = g.join("pkg/usr/share");
+    let append = "console=ttyS0 panic=-1 quiet ipoib.ip4=198.19.0.9/24 ipoib.ip6=fd00:56::9/64 \
+                  ipoib.peer4=198.19.0.2 ipoib.peer6=fd00:56::2 \
+                  ipoib.url=http://198.19.0.2:8000/blob";
+    let out = Command::new("timeout")
+        .arg("150")
+        .arg(g.join("pkg/usr/bin/qemu-system-x86_64"))
+        .env("QEMU_MODULE_DIR", &module_dir)
+        .arg("-L")
+        .arg(share.join("qemu"))
+        .arg("-L")
+        .arg(share.join("seabios"))
+        .arg("-L")
+        .arg(g.join("pkg/usr/lib/ipxe/qemu"))
+        .args([
+            "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1", "-m", "256M",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=char0,path={}", vm_sock.display()))
+        .args(["-netdev", "vhost-user,id=net0,chardev=char0"])
+        .args([
+            "-device",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=,host_mtu=2044",
+        ])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(g.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(g.join("initrd.gz"))
+        .args(["-append", append])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+    let console = String::from_utf8_lossy(&out.stdout);
+    for l in console.lines().filter(|l| l.starts_with("GUEST")) {
+        eprintln!("[guest] {l}");
+    }
+    assert!(
+        console.contains("GUEST-DONE"),
+        "the guest ran to the end:\n{console}"
+    );
+    assert!(console.contains("GUEST-ETH0 mtu=2044"), "MTU from host_mtu");
+    for step in ["GUEST-PING4-OK", "GUEST-PING6-OK", "GUEST-PING-FRAG-OK"] {
+        assert!(console.contains(step), "{step}:\n{console}");
+    }
+    assert!(
+        console.contains(&format!("GUEST-TCP bytes={BLOB}")),
+        "the whole file over TCP:\n{console}"
+    );
+
+    // The backend's view after the guest powered off: the guest's MAC
+    // (QEMU's) was learned (its addresses are forgotten with the
+    // connection), and the frames it sent went out on its own QP.
+    let Reply::Vms { vms } = b.ask(Ask::Vms {
+        interface: "ib0".into(),
+    }) else {
+        panic!("vms");
+    };
+    let v = &vms[0];
+    assert_eq!(v.mac, "52:54:00:12:34:56");
+    assert!(!v.connected);
+    assert!(v.addresses.is_empty(), "forgotten with the connection");
+    assert!(v.remote_macs >= 1);
+    let get = |n: &str| {
+        v.counters
+            .iter()
+            .find(|c| c.name == n)
+            .map_or(0, |c| c.value)
+    };
+    assert_eq!(
+        get("guest_tx_frames"),
+        get("tx_packets"),
+        "{:?}",
+        v.counters
+    );
+    assert!(get("guest_rx_frames") > BLOB as u64 / 2044);
+    assert_eq!(get("guest_tx_bad_chains"), 0);
+    assert_eq!(get("drop_spoofed_mac") + get("drop_spoofed_ip"), 0);
+
+    assert!(a.stop(), "host a stopped cleanly");
+    assert!(b.stop(), "host b stopped cleanly");
+    drop(fabric);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
