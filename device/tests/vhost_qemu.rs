@@ -13,7 +13,6 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ipoib_control::{Command as Ask, Reply};
 use ipoib_sim::{Fabric, FabricConfig};
