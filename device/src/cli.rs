@@ -121,6 +121,8 @@ Faults for --device sim (--sim-fault FAULT, repeatable; numbers decimal or 0x-he
   slow-start=MS                      `initializing` stays set for MS ms after power-up
   page-storm=ROUNDS[:PAGES]          ROUNDS page requests of PAGES pages (default 64), each
                                      later taken back
+  tx-sink=on                         sends are executed and completed but never put on the
+                                     wire (for benchmarking what drives the HCA)
 
 Exit status: 0 when bring-up and teardown succeeded, 1 when bring-up failed (one line
 on stderr names the step, the command and the device's status and syndrome), 2 on

@@ -9,6 +9,7 @@
 //! | `health=SYND[:after=OPCODE]` | after OPCODE (default INIT_HCA 0x102) completes, firmware raises health syndrome SYND with recovery required and stops |
 //! | `slow-start=MS` | `initializing` stays set for MS milliseconds after power-up and reset |
 //! | `page-storm=ROUNDS[:PAGES]` | once an EQ takes page requests, firmware asks ROUNDS times for PAGES pages (default 64) and later hands each batch back |
+//! | `tx-sink=on` | sends are executed (every byte read through the IOMMU, offloads applied) and completed, but never put on the wire: for measuring what drives the HCA without the fabric |
 //!
 //! Numbers are decimal or `0x` hexadecimal.
 
@@ -49,6 +50,8 @@ pub enum Fault {
         /// Pages per request.
         pages: u32,
     },
+    /// Sends complete without leaving the HCA.
+    TxSink,
 }
 
 /// A fault string that does not parse.
@@ -139,6 +142,8 @@ impl FromStr for Fault {
                 }
                 Ok(Fault::PageStorm { rounds, pages })
             }
+            "tx-sink" if args == "on" => Ok(Fault::TxSink),
+            "tx-sink" => Err(err("expected tx-sink=on")),
             _ => Err(err("unknown fault kind")),
         }
     }
@@ -156,6 +161,7 @@ impl fmt::Display for Fault {
             Fault::Health { synd, after } => write!(f, "health={synd:#x}:after={after:#x}"),
             Fault::SlowStart(d) => write!(f, "slow-start={}", d.as_millis()),
             Fault::PageStorm { rounds, pages } => write!(f, "page-storm={rounds}:{pages}"),
+            Fault::TxSink => write!(f, "tx-sink=on"),
         }
     }
 }
@@ -207,6 +213,7 @@ mod tests {
             "cmd-timeout=0x100",
             "page-storm=3:7",
             "health=0x8:after=0x102",
+            "tx-sink=on",
         ] {
             let p: Fault = f.parse().unwrap();
             assert_eq!(p.to_string().parse::<Fault>().unwrap(), p);
@@ -225,6 +232,7 @@ mod tests {
             "health=0",
             "health=8:later",
             "page-storm=1:0",
+            "tx-sink=off",
             "bogus=1",
         ] {
             assert!(bad.parse::<Fault>().is_err(), "{bad}");

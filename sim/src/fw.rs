@@ -157,6 +157,8 @@ pub struct FwParams {
     pub storm: Option<(u32, u32)>,
     /// Highest ISSI the firmware offers.
     pub max_issi: u16,
+    /// Sends complete without going on the wire.
+    pub tx_sink: bool,
 }
 
 /// Tag firmware writes into the first bytes of every page it holds.

@@ -567,6 +567,7 @@ fn fw_params(cfg: &SimConfig) -> FwParams {
         },
         port_mtu: cfg.port_mtu,
         max_issi: cfg.max_issi,
+        tx_sink: cfg.faults.contains(&Fault::TxSink),
         storm: cfg.faults.iter().find_map(|f| match f {
             Fault::PageStorm { rounds, pages } => Some((*rounds, *pages)),
             _ => None,

@@ -930,7 +930,9 @@ impl Firmware {
         if let Some(qm) = self.qps.get_mut(&qpn) {
             qm.psn = (qm.psn + 1) & 0xFF_FFFF;
         }
-        self.outbox.push(wire::build(&h, payload));
+        if !self.p.tx_sink {
+            self.outbox.push(wire::build(&h, payload));
+        }
         self.dp.tx_packets += 1;
     }
 

@@ -21,11 +21,37 @@ pub const DEMO_PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// Everything the demo started; removed on drop, whatever happened.
-struct Scene {
-    dir: PathBuf,
+pub(crate) struct Scene {
+    pub(crate) dir: PathBuf,
     fabric: Option<Child>,
-    daemons: Vec<Child>,
+    pub(crate) daemons: Vec<Child>,
     netns: Vec<String>,
+}
+
+impl Scene {
+    /// An empty scene working in `dir` (created).
+    pub(crate) fn new(dir: PathBuf) -> Result<Scene, String> {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Scene {
+            dir,
+            fabric: None,
+            daemons: Vec::new(),
+            netns: Vec::new(),
+        })
+    }
+
+    /// Creates network namespace `name`, removed with the scene.
+    pub(crate) fn netns(&mut self, name: &str) -> Result<String, String> {
+        let st = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .map_err(|e| format!("ip netns add: {e}"))?;
+        if !st.success() {
+            return Err(format!("ip netns add {name} failed (this needs root)"));
+        }
+        self.netns.push(name.to_string());
+        Ok(name.to_string())
+    }
 }
 
 impl Drop for Scene {
@@ -81,11 +107,14 @@ fn show(title: &str, cmd: &mut Command, stop: &AtomicBool) -> Result<String, Str
     Ok(text)
 }
 
-fn start_daemon(
+/// Starts `ipoib-vfio run` on a software HCA in `ns` with `addrs` and
+/// `extra` flags; returns it and its "up" line once the interface is up.
+pub(crate) fn start_daemon(
     bin: &Path,
     socket: &Path,
     ns: &str,
     addrs: &[&str],
+    extra: &[&str],
 ) -> Result<(Child, String), String> {
     let mut cmd = Command::new(bin);
     cmd.args(["run", "--device", "sim", "--fabric"])
@@ -96,6 +125,7 @@ fn start_daemon(
     for a in addrs {
         cmd.args(["--address", a]);
     }
+    cmd.args(extra);
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -123,18 +153,14 @@ fn start_daemon(
     }
 }
 
-/// Starts the fabric (with a capture if `pcap`) and two daemons whose
-/// interfaces live in two new namespaces; returns the namespace names.
-fn ipoib_hosts(
+/// Starts `ipoib-fabric` in the scene's directory (with a capture if
+/// `pcap`); returns its socket once it listens.
+pub(crate) fn start_fabric(
     scene: &mut Scene,
     target: &Path,
     pcap: bool,
-    tag: &str,
-) -> Result<Vec<String>, String> {
-    let pid = std::process::id();
-    let dir = scene.dir.clone();
-    let socket = dir.join("fabric.sock");
-
+) -> Result<PathBuf, String> {
+    let socket = scene.dir.join("fabric.sock");
     println!("==> a simulated InfiniBand fabric with its subnet manager");
     println!(
         "$ ipoib-fabric --socket {} --pcap fabric.pcap",
@@ -143,7 +169,7 @@ fn ipoib_hosts(
     let mut fabric = Command::new(target.join("ipoib-fabric"));
     fabric.arg("--socket").arg(&socket);
     if pcap {
-        fabric.arg("--pcap").arg(dir.join("fabric.pcap"));
+        fabric.arg("--pcap").arg(scene.dir.join("fabric.pcap"));
     }
     let fabric = fabric
         .stdout(Stdio::null())
@@ -157,28 +183,32 @@ fn ipoib_hosts(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(socket)
+}
 
+/// Starts the fabric (with a capture if `pcap`) and two daemons whose
+/// interfaces live in two new namespaces; returns the namespace names.
+fn ipoib_hosts(
+    scene: &mut Scene,
+    target: &Path,
+    pcap: bool,
+    tag: &str,
+) -> Result<Vec<String>, String> {
+    let pid = std::process::id();
+    let socket = start_fabric(scene, target, pcap)?;
     let hosts = [
         ("a", "10.55.0.1/24", "fd00:55::1/64"),
         ("b", "10.55.0.2/24", "fd00:55::2/64"),
     ];
     let mut names = Vec::new();
     for (host, v4, v6) in hosts {
-        let ns = format!("ipoib-{tag}-{host}-{pid}");
-        let st = Command::new("ip")
-            .args(["netns", "add", &ns])
-            .status()
-            .map_err(|e| format!("ip netns add: {e}"))?;
-        if !st.success() {
-            return Err(format!("ip netns add {ns} failed (the demo needs root)"));
-        }
-        scene.netns.push(ns.clone());
+        let ns = scene.netns(&format!("ipoib-{tag}-{host}-{pid}"))?;
         println!();
         println!("==> host {host}: an ipoib-vfio daemon on a simulated ConnectX-5, ib0 in {ns}");
         println!(
             "$ ipoib-vfio run --device sim --fabric fabric.sock --netns {ns} --address {v4} --address {v6}"
         );
-        let (child, line) = start_daemon(&target.join("ipoib-vfio"), &socket, &ns, &[v4, v6])?;
+        let (child, line) = start_daemon(&target.join("ipoib-vfio"), &socket, &ns, &[v4, v6], &[])?;
         println!("{line}");
         scene.daemons.push(child);
         names.push(ns);

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 mod demo;
 mod qemu;
+mod vhost_bench;
 
 /// Debian packages the test suites need, with a program each provides.
 /// Suites that start real third-party peers add theirs here.
@@ -212,7 +213,37 @@ fn bench() -> Result<(), String> {
         ]),
     )?;
     driver_instructions_per_packet()?;
-    ipoib_versus_veth()
+    ipoib_versus_veth()?;
+    vhost_versus_dpdk()
+}
+
+/// The vhost-user backend against DPDK's, with testpmd as the VM.
+fn vhost_versus_dpdk() -> Result<(), String> {
+    ensure_packages(TEST_PACKAGES)?;
+    run(
+        "release build of the daemon, the fabric and ipoib-tool",
+        cargo().args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "ipoib-device",
+            "-p",
+            "ipoib-sim",
+            "-p",
+            "ipoib-tool",
+        ]),
+    )?;
+    let rows = vhost_bench::run(&root().join("target/release"))?;
+    println!();
+    println!(
+        "| frame bytes | DPDK vhost (rxonly), pps | ipoib-vfio, sends sunk in the HCA, pps | ratio | ipoib-vfio across the fabric, pps |"
+    );
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
 }
 
 /// The datagram-mode stack end to end (release build) against a veth pair
@@ -333,9 +364,12 @@ fn main() -> ExitCode {
         "demo" => demo(),
         "bench" => bench(),
         "bench-ipoib" => ipoib_versus_veth(),
+        "bench-vhost" => vhost_versus_dpdk(),
         "guest" => qemu::prepare(&root()).map(|d| println!("QEMU guest in {}", d.display())),
         _ => {
-            eprintln!("usage: cargo xtask <demo | test | bench | bench-ipoib | guest>");
+            eprintln!(
+                "usage: cargo xtask <demo | test | bench | bench-ipoib | bench-vhost | guest>"
+            );
             return ExitCode::from(2);
         }
     };
