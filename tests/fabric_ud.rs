@@ -461,3 +461,47 @@ fn inline_sends() {
         assert!(n.finish().0.clean());
     }
 }
+
+/// `tx-sink=on`: a send completes as usual (the HCA read its data) but
+/// never reaches the wire; QP1's MADs still do (the SA answers a join).
+#[test]
+fn tx_sink_completes_sends_without_carrying_them() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let mut a = Node::with_config(
+        &fabric,
+        ipoib_sim::SimConfig {
+            node_guid: 0x0002_c903_0000_0c00,
+            faults: vec!["tx-sink=on".parse().unwrap()],
+            ..ipoib_sim::SimConfig::default()
+        },
+        QKEY,
+    );
+    let mut b = Node::new(&fabric, 0x0002_c903_0000_0d00, QKEY);
+    let mgid = ipoib_sim::sm::broadcast_mgid(0x7FFF, 2);
+    assert_ne!(join(&mut a, mgid), 0, "MADs go through");
+    let to_b = AddressVector {
+        dqpn: b.qp.qpn(),
+        qkey: QKEY,
+        dlid: b.lid,
+        ..AddressVector::default()
+    };
+    let before = fabric.stats().delivered;
+    for _ in 0..4 {
+        send(&mut a, &to_b, b"\x08\x00\x00\x00sunk", None);
+        let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+        assert_eq!(sc.len(), 1);
+        assert!(sc[0].error.is_none(), "completed as sent");
+        a.qp.send_done(sc[0].wqe_counter);
+    }
+    assert!(b.wait_cqes(true, 1, Duration::from_millis(200)).is_empty());
+    assert_eq!(fabric.stats().delivered, before, "nothing reached the wire");
+    assert_eq!(
+        a.dev.report().dp.tx_packets,
+        4 + 1,
+        "the join's MAD and the four sends"
+    );
+    let (r, _) = a.finish();
+    assert!(r.clean());
+    let (r, _) = b.finish();
+    assert!(r.clean());
+}

@@ -9,7 +9,7 @@
 //! | `health=SYND[:after=OPCODE]` | after OPCODE (default INIT_HCA 0x102) completes, firmware raises health syndrome SYND with recovery required and stops |
 //! | `slow-start=MS` | `initializing` stays set for MS milliseconds after power-up and reset |
 //! | `page-storm=ROUNDS[:PAGES]` | once an EQ takes page requests, firmware asks ROUNDS times for PAGES pages (default 64) and later hands each batch back |
-//! | `tx-sink=on` | sends are executed (every byte read through the IOMMU, offloads applied) and completed, but never put on the wire: for measuring what drives the HCA without the fabric |
+//! | `tx-sink=on` | sends (except QP1's MADs) are executed (every byte read through the IOMMU, offloads applied) and completed, but never put on the wire: for measuring what drives the HCA without the fabric |
 //!
 //! Numbers are decimal or `0x` hexadecimal.
 

@@ -930,7 +930,8 @@ impl Firmware {
         if let Some(qm) = self.qps.get_mut(&qpn) {
             qm.psn = (qm.psn + 1) & 0xFF_FFFF;
         }
-        if !self.p.tx_sink {
+        // QP1's MADs still go: the port must keep talking to the SM.
+        if !self.p.tx_sink || q.st == 0x8 {
             self.outbox.push(wire::build(&h, payload));
         }
         self.dp.tx_packets += 1;

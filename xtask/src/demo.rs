@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 /// Programs the demo runs, with their Debian packages.
 pub const DEMO_PACKAGES: &[(&str, &str)] = &[
+    ("busybox-static", "busybox"),
     ("iproute2", "ip"),
     ("iputils-ping", "ping"),
     ("iperf3", "iperf3"),
@@ -163,8 +164,9 @@ pub(crate) fn start_fabric(
     let socket = scene.dir.join("fabric.sock");
     println!("==> a simulated InfiniBand fabric with its subnet manager");
     println!(
-        "$ ipoib-fabric --socket {} --pcap fabric.pcap",
-        socket.display()
+        "$ ipoib-fabric --socket {}{}",
+        socket.display(),
+        if pcap { " --pcap fabric.pcap" } else { "" }
     );
     let mut fabric = Command::new(target.join("ipoib-fabric"));
     fabric.arg("--socket").arg(&socket);
@@ -193,6 +195,7 @@ fn ipoib_hosts(
     target: &Path,
     pcap: bool,
     tag: &str,
+    extra_b: &[&str],
 ) -> Result<Vec<String>, String> {
     let pid = std::process::id();
     let socket = start_fabric(scene, target, pcap)?;
@@ -205,10 +208,13 @@ fn ipoib_hosts(
         let ns = scene.netns(&format!("ipoib-{tag}-{host}-{pid}"))?;
         println!();
         println!("==> host {host}: an ipoib-vfio daemon on a simulated ConnectX-5, ib0 in {ns}");
+        let extra = if host == "b" { extra_b } else { &[] };
         println!(
-            "$ ipoib-vfio run --device sim --fabric fabric.sock --netns {ns} --address {v4} --address {v6}"
+            "$ ipoib-vfio run --device sim --fabric fabric.sock --netns {ns} --address {v4} --address {v6} {}",
+            extra.join(" ")
         );
-        let (child, line) = start_daemon(&target.join("ipoib-vfio"), &socket, &ns, &[v4, v6], &[])?;
+        let (child, line) =
+            start_daemon(&target.join("ipoib-vfio"), &socket, &ns, &[v4, v6], extra)?;
         println!("{line}");
         scene.daemons.push(child);
         names.push(ns);
@@ -216,8 +222,9 @@ fn ipoib_hosts(
     Ok(names)
 }
 
-/// Runs the demo with the built binaries in `target`.
-pub fn run(target: &Path) -> Result<(), String> {
+/// Runs the demo with the built binaries in `target` and the QEMU guest
+/// prepared in `guest`.
+pub fn run(target: &Path, guest: &Path) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
@@ -231,7 +238,9 @@ pub fn run(target: &Path) -> Result<(), String> {
         daemons: Vec::new(),
         netns: Vec::new(),
     };
-    let names = ipoib_hosts(&mut scene, target, true, "demo")?;
+    let vm_sock = dir.join("vm.sock");
+    let spec = format!("ib0={}", vm_sock.display());
+    let names = ipoib_hosts(&mut scene, target, true, "demo", &["--vhost-user", &spec])?;
     let (a, b) = (&names[0], &names[1]);
     println!();
     show(
@@ -311,11 +320,68 @@ pub fn run(target: &Path) -> Result<(), String> {
             &stop,
         )?;
     }
+    println!("==> a VM on host b: QEMU (TCG) with a virtio-net NIC on b's vhost-user socket");
+    println!("    it pings host a (IPv4, IPv6, fragmented) and downloads 1 MB from it over TCP");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).map_err(|e| e.to_string())?;
+    let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(www.join("blob"), blob).map_err(|e| e.to_string())?;
+    let mut httpd = in_ns(a, &["busybox", "httpd", "-f", "-p", "8000", "-h"])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("busybox httpd: {e}"))?;
+    println!(
+        "$ qemu-system-x86_64 -accel tcg ... -netdev vhost-user,... -device virtio-net-pci,host_mtu=2044,..."
+    );
+    let vm = crate::qemu::command(
+        guest,
+        &vm_sock,
+        "ipoib.ip4=10.55.0.9/24 ipoib.ip6=fd00:55::9/64 ipoib.peer4=10.55.0.1 \
+         ipoib.peer6=fd00:55::1 ipoib.url=http://10.55.0.1:8000/blob",
+    )
+    .stdin(Stdio::null())
+    .output();
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+    let console =
+        String::from_utf8_lossy(&vm.map_err(|e| format!("qemu: {e}"))?.stdout).into_owned();
+    for l in console.lines().filter(|l| l.starts_with("GUEST")) {
+        println!("    [guest] {l}");
+    }
+    println!();
+    let ctl_b = dir.join(format!("{b}.ctl"));
+    show(
+        "ipoib-tool vms ib0   (host b: the VM's vNIC, its own QPN, its counters)",
+        Command::new(&tool)
+            .arg("--control")
+            .arg(&ctl_b)
+            .args(["vms", "ib0"]),
+        &stop,
+    )?;
+    let vm_ok = [
+        "GUEST-PING4-OK",
+        "GUEST-PING6-OK",
+        "GUEST-PING-FRAG-OK",
+        "GUEST-TCP bytes=1000000",
+    ]
+    .iter()
+    .all(|w| console.contains(w));
+
     println!("==> summary");
     println!("  IPv4 ping:          {}", rtt(&ping4));
     println!("  IPv4 60000-byte:    {}", rtt(&big));
     println!("  IPv6 ping:          {}", rtt(&ping6));
     println!("  iperf3 TCP:         {}", rate.trim());
+    println!(
+        "  VM on host b:       {}",
+        if vm_ok {
+            "pinged host a over IPv4 and IPv6 and fetched 1 MB over TCP"
+        } else {
+            "FAILED (see the guest's lines above)"
+        }
+    );
     println!(
         "  capture:            fabric.pcap (removed with the demo; run ipoib-fabric --pcap to keep one)"
     );
@@ -333,6 +399,9 @@ pub fn run(target: &Path) -> Result<(), String> {
     drop(scene);
     if !clean {
         return Err("a daemon did not exit cleanly".into());
+    }
+    if !vm_ok {
+        return Err("the VM could not reach host a".into());
     }
     println!("    all daemons exited cleanly; namespaces and the fabric removed");
     Ok(())
@@ -435,7 +504,7 @@ pub fn bench(target: &Path) -> Result<Vec<String>, String> {
             netns: Vec::new(),
         };
         std::fs::create_dir_all(&scene.dir).map_err(|e| e.to_string())?;
-        let names = ipoib_hosts(&mut scene, target, false, "bench")?;
+        let names = ipoib_hosts(&mut scene, target, false, "bench", &[])?;
         println!("==> IPoIB over the simulated fabric");
         measure(&names[0], &names[1], "10.55.0.2", &stop)?
     };

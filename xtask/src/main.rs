@@ -180,7 +180,9 @@ fn demo() -> Result<(), String> {
         return Err("probe of the simulated HCA failed".into());
     }
     println!();
-    demo::run(&target)
+    // The VM the demo attaches to host b.
+    let guest = qemu::prepare(&root())?;
+    demo::run(&target, &guest)
 }
 
 fn bench() -> Result<(), String> {

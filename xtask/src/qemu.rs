@@ -111,3 +111,49 @@ pub fn prepare(root: &Path) -> Result<PathBuf, String> {
     )?;
     Ok(dir)
 }
+
+/// QEMU (TCG, one vCPU, 256 MiB of shared memory) booting the guest in
+/// `dir` with its virtio-net NIC on the vhost-user socket `vm_sock`;
+/// `append` adds to the kernel command line (the `ipoib.*` settings).
+pub fn command(dir: &Path, vm_sock: &Path, append: &str) -> Command {
+    let share = dir.join("pkg/usr/share");
+    let mut c = Command::new(dir.join("pkg/usr/bin/qemu-system-x86_64"));
+    c.env(
+        "QEMU_MODULE_DIR",
+        dir.join("pkg/usr/lib/x86_64-linux-gnu/qemu"),
+    )
+    .arg("-L")
+    .arg(share.join("qemu"))
+    .arg("-L")
+    .arg(share.join("seabios"))
+    .arg("-L")
+    .arg(dir.join("pkg/usr/lib/ipxe/qemu"))
+    .args([
+        "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1", "-m", "256M",
+    ])
+    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+    .args(["-numa", "node,memdev=mem"])
+    .arg("-chardev")
+    .arg(format!("socket,id=char0,path={}", vm_sock.display()))
+    .args(["-netdev", "vhost-user,id=net0,chardev=char0"])
+    // INTx: QEMU 7.2's MSI-X path crashes under TCG with vhost-user.
+    .args([
+        "-device",
+        "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=,host_mtu=2044",
+    ])
+    .args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(dir.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(dir.join("initrd.gz"))
+    .arg("-append")
+    .arg(format!("console=ttyS0 panic=-1 quiet {append}"));
+    c
+}
