@@ -941,11 +941,15 @@ impl<T: Transport> Link<T> {
         }
         if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
             ep.spare = actions;
-            if let Some(g) = ep.guest.as_mut()
-                && g.tr.take_addresses_changed()
-            {
-                let (v4, v6) = split_families(g.tr.addresses());
-                ep.engine.set_addresses(v4, v6, &mut ep.out);
+            if let Some(g) = ep.guest.as_mut() {
+                if g.tr.take_addresses_changed() {
+                    let (v4, v6) = split_families(g.tr.addresses());
+                    ep.engine.set_addresses(v4, v6, &mut ep.out);
+                }
+                // Groups the guest reported listening to are joined fully.
+                for group in g.tr.take_listens() {
+                    ep.engine.listen(group, &mut ep.out);
+                }
                 if !ep.out.is_empty() {
                     self.run_actions(id, host);
                 }

@@ -55,6 +55,11 @@ const ETHERTYPE_VLAN: u16 = 0x8100;
 const ETHERTYPE_QINQ: u16 = 0x88a8;
 /// ND option: MTU.
 const OPT_MTU: u8 = 5;
+/// Groups a guest's reports may add before the caller takes them.
+const MAX_PENDING_LISTENS: usize = 64;
+/// IP protocol numbers.
+const PROTO_IGMP: u8 = 2;
+const NEXT_HOP_BY_HOP: u8 = 0;
 
 /// A 48-bit Ethernet MAC address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -355,6 +360,8 @@ pub struct Translator {
     addresses_changed: bool,
     remacs: RemacTable,
     sources: HashMap<(u16, u32), HwAddr>,
+    /// Groups the guest reported it listens to (IGMP, MLD), not yet taken.
+    listens: Vec<IpAddr>,
     drops: [u64; EthDrop::ALL.len()],
 }
 
@@ -376,6 +383,7 @@ impl Translator {
             allowed,
             remacs: RemacTable::new(MAX_REMACS),
             sources: HashMap::new(),
+            listens: Vec::new(),
             drops: [0; EthDrop::ALL.len()],
         }
     }
@@ -420,6 +428,95 @@ impl Translator {
     /// groups the guest now listens to).
     pub fn take_addresses_changed(&mut self) -> bool {
         std::mem::take(&mut self.addresses_changed)
+    }
+
+    /// Groups the guest reported (IGMP or MLD) that it listens to since
+    /// the last call: the caller joins them as a full member for it (the
+    /// TUN-side host has no such reports to give; a guest does).
+    pub fn take_listens(&mut self) -> Vec<IpAddr> {
+        std::mem::take(&mut self.listens)
+    }
+
+    fn heard(&mut self, group: IpAddr) {
+        let multicast = match group {
+            IpAddr::V4(a) => a.is_multicast(),
+            IpAddr::V6(a) => a.is_multicast(),
+        };
+        if multicast && !self.listens.contains(&group) && self.listens.len() < MAX_PENDING_LISTENS {
+            self.listens.push(group);
+        }
+    }
+
+    /// Notes the groups an IGMP report (v1, v2, v3; RFC 1112, 2236, 3376)
+    /// says the guest listens to. Leaves are not followed: membership
+    /// lasts while the endpoint does.
+    fn snoop_igmp(&mut self, ip: &[u8]) {
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[9] != PROTO_IGMP || ip.len() < ihl + 8 {
+            return;
+        }
+        let m = &ip[ihl..];
+        match m[0] {
+            0x12 | 0x16 => self.heard(IpAddr::V4(ipv4_at(m, 4))),
+            0x22 => {
+                let n = usize::from(be16(m, 6).unwrap_or(0));
+                let mut at = 8;
+                for _ in 0..n {
+                    let (Some(&ty), Some(&aux), Some(ns)) =
+                        (m.get(at), m.get(at + 1), be16(m, at + 2))
+                    else {
+                        return;
+                    };
+                    if at + 8 > m.len() {
+                        return;
+                    }
+                    // Anything but "include nothing" means listening.
+                    let nothing = matches!(ty, 1 | 3) && ns == 0;
+                    if !nothing {
+                        self.heard(IpAddr::V4(ipv4_at(m, at + 4)));
+                    }
+                    at += 8 + usize::from(ns) * 4 + usize::from(aux) * 4;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The same for MLD reports (v1, v2; RFC 2710, 3810), which follow a
+    /// hop-by-hop options header.
+    fn snoop_mld(&mut self, ip: &[u8]) {
+        if ip[6] != NEXT_HOP_BY_HOP || ip.len() < IPV6_HEADER + 8 {
+            return;
+        }
+        let hbh = &ip[IPV6_HEADER..];
+        let at = (usize::from(hbh[1]) + 1) * 8;
+        if hbh[0] != NEXT_HEADER_ICMPV6 || hbh.len() < at + 8 {
+            return;
+        }
+        let m = &hbh[at..];
+        match m[0] {
+            131 if m.len() >= 24 => self.heard(IpAddr::V6(ipv6_at(m, 8))),
+            143 => {
+                let n = usize::from(be16(m, 6).unwrap_or(0));
+                let mut at = 8;
+                for _ in 0..n {
+                    let (Some(&ty), Some(&aux), Some(ns)) =
+                        (m.get(at), m.get(at + 1), be16(m, at + 2))
+                    else {
+                        return;
+                    };
+                    if at + 20 > m.len() {
+                        return;
+                    }
+                    let nothing = matches!(ty, 1 | 3) && ns == 0;
+                    if !nothing {
+                        self.heard(IpAddr::V6(ipv6_at(m, at + 4)));
+                    }
+                    at += 20 + usize::from(ns) * 16 + usize::from(aux) * 4;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The REMAC table.
@@ -483,6 +580,7 @@ impl Translator {
                 }
                 self.check_source(IpAddr::V4(ipv4_at(body, 12)))?;
                 let to = self.target(dst, IpAddr::V4(ipv4_at(body, 16)), now)?;
+                self.snoop_igmp(body);
                 Ok(GuestTx::Forward { to, ethertype: ty })
             }
             _ => {
@@ -491,6 +589,7 @@ impl Translator {
                 }
                 self.check_source(IpAddr::V6(ipv6_at(body, 8)))?;
                 let to = self.target(dst, IpAddr::V6(ipv6_at(body, 24)), now)?;
+                self.snoop_mld(body);
                 if is_nd(body) {
                     let len = self.nd_rewrite(body, out, Direction::ToFabric, now)?;
                     return Ok(GuestTx::Rewritten {
@@ -1476,5 +1575,62 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(t.mac(), GUEST_MAC);
+    }
+
+    #[test]
+    fn igmp_and_mld_reports_become_listens() {
+        let now = Instant::now();
+        let mut t = translator(Vec::new());
+        let mut out = [0u8; 256];
+        // IGMPv2 report for 224.0.0.251 (RFC 2236 §2), to the group.
+        let mut igmp2 = vec![0x46, 0, 0, 32, 0, 0, 0x40, 0, 1, 2, 0, 0];
+        igmp2.extend_from_slice(&[10, 0, 0, 1, 224, 0, 0, 251]);
+        igmp2.extend_from_slice(&[0x94, 0x04, 0, 0]); // router alert
+        igmp2.extend_from_slice(&[0x16, 0, 0, 0, 224, 0, 0, 251]);
+        let mdns = Mac::ipv4_multicast("224.0.0.251".parse().unwrap());
+        assert!(
+            t.from_guest(&frame(mdns, GUEST_MAC, 0x0800, &igmp2), &mut out, now)
+                .is_ok()
+        );
+        // IGMPv3 report (RFC 3376 §4.2) to 224.0.0.22: two records,
+        // EXCLUDE {} for 239.1.2.3 (a join) and INCLUDE {} for 239.9.9.9
+        // (a leave).
+        let mut igmp3 = vec![0x46, 0, 0, 48, 0, 0, 0x40, 0, 1, 2, 0, 0];
+        igmp3.extend_from_slice(&[10, 0, 0, 1, 224, 0, 0, 22]);
+        igmp3.extend_from_slice(&[0x94, 0x04, 0, 0]);
+        igmp3.extend_from_slice(&[0x22, 0, 0, 0, 0, 0, 0, 2]);
+        igmp3.extend_from_slice(&[4, 0, 0, 0, 239, 1, 2, 3]);
+        igmp3.extend_from_slice(&[3, 0, 0, 0, 239, 9, 9, 9]);
+        let all_v3 = Mac::ipv4_multicast("224.0.0.22".parse().unwrap());
+        assert!(
+            t.from_guest(&frame(all_v3, GUEST_MAC, 0x0800, &igmp3), &mut out, now)
+                .is_ok()
+        );
+        // MLDv2 report (RFC 3810 §5.2) to ff02::16 behind a hop-by-hop
+        // header with router alert: CHANGE_TO_EXCLUDE {} for ff05::1:3.
+        let src: Ipv6Addr = "fe80::5054:ff:fe12:3456".parse().unwrap();
+        let dst: Ipv6Addr = "ff02::16".parse().unwrap();
+        let mut mld = vec![0x60, 0, 0, 0, 0, 36, 0, 1];
+        mld.extend_from_slice(&src.octets());
+        mld.extend_from_slice(&dst.octets());
+        mld.extend_from_slice(&[58, 0, 5, 2, 0, 0, 1, 0]);
+        mld.extend_from_slice(&[143, 0, 0, 0, 0, 0, 0, 1]);
+        mld.extend_from_slice(&[4, 0, 0, 0]);
+        mld.extend_from_slice(&"ff05::1:3".parse::<Ipv6Addr>().unwrap().octets());
+        let to = Mac::ipv6_multicast(dst);
+        assert!(
+            t.from_guest(&frame(to, GUEST_MAC, 0x86dd, &mld), &mut out, now)
+                .is_ok()
+        );
+        let want: Vec<IpAddr> = ["224.0.0.251", "239.1.2.3", "ff05::1:3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(t.take_listens(), want);
+        assert!(t.take_listens().is_empty());
+        // A truncated report is no report.
+        let cut = &igmp3[..igmp3.len() - 6];
+        let _ = t.from_guest(&frame(all_v3, GUEST_MAC, 0x0800, cut), &mut out, now);
+        assert_eq!(t.take_listens().len(), 1, "the whole first record only");
     }
 }
