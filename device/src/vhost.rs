@@ -840,6 +840,8 @@ const EV_CONN: u64 = 1;
 const EV_KICK: u64 = 2;
 /// Event ids a vNIC uses: listener, connection, and one kick per queue.
 pub const EVENT_IDS: u64 = 4;
+/// Longest a frontend may take to finish a request it started.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A served socket: the device, the interface endpoint behind it, and
 /// its descriptors in the event loop's wait set.
@@ -941,6 +943,11 @@ impl Vnic {
         if self.conn.is_some() {
             // One frontend at a time; this one is told by the close.
             tracing::info!(socket = %self.socket.display(), "refusing a second frontend");
+            return;
+        }
+        // Requests are read on the event loop: a frontend that stops in
+        // the middle of one may hold it for this long, not for ever.
+        if stream.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err() {
             return;
         }
         let Ok(watch) = stream.try_clone() else {
