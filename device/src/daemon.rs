@@ -258,7 +258,11 @@ fn event_loop<T: Transport>(
             }
         }
         control.serve(&name, link, vnics);
-        match link.poll(tun, Duration::ZERO) {
+        let turn = link.poll(tun, Duration::ZERO);
+        for v in vnics.iter() {
+            v.flush();
+        }
+        match turn {
             Ok(true) => {
                 let _ = tun.set_carrier(link.carrier());
                 for v in vnics.iter() {

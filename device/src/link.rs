@@ -941,6 +941,10 @@ impl<T: Transport> Link<T> {
         }
         if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
             ep.spare = actions;
+            // One doorbell for every send this batch posted.
+            if let Some(qp) = ep.qp.as_mut() {
+                qp.ring_sq(self.hca.transport());
+            }
             if let Some(g) = ep.guest.as_mut() {
                 if g.tr.take_addresses_changed() {
                     let (v4, v6) = split_families(g.tr.addresses());
@@ -1145,8 +1149,7 @@ impl<T: Transport> Link<T> {
         let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
-        let t = self.hca.transport();
-        ep.send(t, lkey, mtu, offload, dest, payload);
+        ep.send(self.hca.transport(), lkey, mtu, offload, dest, payload);
     }
 
     /// Leaves every group, destroys every HCA object and shuts the HCA
@@ -1487,6 +1490,10 @@ impl Endpoint {
             Dest::Multicast { ah, .. } => ah,
         };
         if self.tx_free.is_empty() {
+            // Out of slots mid-batch: what is posted goes now.
+            if let Some(qp) = self.qp.as_mut() {
+                qp.ring_sq(t);
+            }
             self.reap_sends();
         }
         let Some(slot) = self.tx_free.pop() else {
@@ -1568,7 +1575,7 @@ impl Endpoint {
         };
         match posted {
             Ok(_) => {
-                qp.ring_sq(t);
+                // The doorbell is rung once for the batch (run_actions).
                 self.tx_inflight.push_back(slot);
                 self.counters.tx_packets += 1;
                 self.counters.tx_bytes += len as u64 + hdr.len() as u64;

@@ -146,6 +146,8 @@ struct Vq {
     enabled: bool,
     /// A kick eventfd was given: the ring runs.
     started: bool,
+    /// Used entries added since the guest was last told.
+    unsignalled: bool,
 }
 
 impl Vq {
@@ -160,6 +162,7 @@ impl Vq {
             // protocol features, and QEMU sends its enables just then.
             enabled: true,
             started: false,
+            unsignalled: false,
         }
     }
 
@@ -169,6 +172,7 @@ impl Vq {
 
     /// Tells the guest about used buffers (if it wants to hear).
     fn notify(&mut self, mem: &GuestMemoryMmap) {
+        self.unsignalled = false;
         if self.queue.needs_notification(mem).unwrap_or(true)
             && let Some(call) = self.call.as_mut()
         {
@@ -276,6 +280,16 @@ impl Device {
         self.mem.is_some() && self.vqs.iter().all(Vq::runs)
     }
 
+    /// Tells the guest about the buffers used since the last call.
+    fn flush(&mut self) {
+        let Some(mem) = self.mem.as_ref() else {
+            return;
+        };
+        for vq in self.vqs.iter_mut().filter(|v| v.unsignalled) {
+            vq.notify(mem);
+        }
+    }
+
     /// Takes one frame from the transmit queue into `buf` behind a 12-byte
     /// virtio-net header.
     fn pop_tx(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -299,7 +313,8 @@ impl Device {
             let head = chain.head_index();
             let n = read_chain(chain, mem, buf, HDR_LEN - hdr);
             let _ = vq.queue.add_used(mem, head, 0);
-            vq.notify(mem);
+            // The guest hears once per event-loop turn (Vnic::flush).
+            vq.unsignalled = true;
             match n {
                 Some(n) if n >= hdr + crate::engine::eth::ETH_HLEN => {
                     if hdr == LEGACY_HDR_LEN {
@@ -382,7 +397,7 @@ impl Device {
             } else {
                 self.counters.rx_too_big += 1;
             }
-            vq.notify(mem);
+            vq.unsignalled = true;
             return Err(io::ErrorKind::WouldBlock.into());
         }
         // Header (num_buffers = chains used), then the frame.
@@ -411,7 +426,7 @@ impl Device {
                 .queue
                 .add_used(mem, head, if failed { 0 } else { used[k] as u32 });
         }
-        vq.notify(mem);
+        vq.unsignalled = true;
         if failed {
             self.counters.rx_bad_chains += 1;
             return Err(io::ErrorKind::InvalidData.into());
@@ -1035,6 +1050,12 @@ impl Vnic {
         d.connected = false;
         drop(d);
         link.reset_guest(self.endpoint);
+    }
+
+    /// Signals the guest's used rings once for everything this event-loop
+    /// turn moved; call after the interface's turn.
+    pub fn flush(&self) {
+        lock(&self.device).flush();
     }
 
     /// Sets the MTU presented in the config space.
