@@ -151,10 +151,10 @@ struct Vq {
 }
 
 impl Vq {
-    fn new() -> Vq {
-        Vq {
-            // A size the queue accepts; the frontend sets its own.
-            queue: Queue::new(MAX_QUEUE_SIZE as u16).unwrap_or_else(|_| unreachable_queue()),
+    fn new() -> Result<Vq, virtio_queue::Error> {
+        Ok(Vq {
+            // The largest the frontend may ask for; it sets its own size.
+            queue: Queue::new(MAX_QUEUE_SIZE as u16)?,
             kick: None,
             call: None,
             // Enabled until the frontend says otherwise: the `vhost` crate
@@ -163,7 +163,7 @@ impl Vq {
             enabled: true,
             started: false,
             unsignalled: false,
-        }
+        })
     }
 
     fn runs(&self) -> bool {
@@ -178,14 +178,6 @@ impl Vq {
         {
             let _ = call.write(&1u64.to_ne_bytes());
         }
-    }
-}
-
-/// `Queue::new` fails only for sizes that are not powers of two.
-fn unreachable_queue() -> Queue {
-    match Queue::new(256) {
-        Ok(q) => q,
-        Err(e) => panic!("virtio-queue refuses a queue of 256: {e}"),
     }
 }
 
@@ -216,8 +208,8 @@ pub struct Device {
 }
 
 impl Device {
-    fn new(mac: Mac, mtu: u32, offloads: bool) -> Device {
-        Device {
+    fn new(mac: Mac, mtu: u32, offloads: bool) -> Result<Device, virtio_queue::Error> {
+        Ok(Device {
             mac,
             mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
             offloads,
@@ -226,10 +218,10 @@ impl Device {
             acked_protocol: 0,
             mem: None,
             regions: Vec::new(),
-            vqs: [Vq::new(), Vq::new()],
+            vqs: [Vq::new()?, Vq::new()?],
             connected: false,
             counters: QueueCounters::default(),
-        }
+        })
     }
 
     /// The features offered to the frontend.
@@ -249,9 +241,19 @@ impl Device {
 
     /// Forgets the frontend: a new one starts from nothing.
     fn reset(&mut self) {
-        let counters = self.counters;
-        *self = Device::new(self.mac, u32::from(self.mtu), self.offloads);
-        self.counters = counters;
+        self.owned = false;
+        self.acked = 0;
+        self.acked_protocol = 0;
+        self.mem = None;
+        self.regions.clear();
+        for vq in &mut self.vqs {
+            vq.queue.reset();
+            vq.kick = None;
+            vq.call = None;
+            vq.enabled = true;
+            vq.started = false;
+            vq.unsignalled = false;
+        }
     }
 
     fn header_len(&self) -> usize {
@@ -898,7 +900,9 @@ impl Vnic {
             .set_nonblocking(true)
             .map_err(|e| format!("{socket}: {e}"))?;
         let mac = spec.mac.unwrap_or_else(|| spec.default_mac(&link.gid()));
-        let device = Arc::new(Mutex::new(Device::new(mac, link.mtu(), link.offloads())));
+        let device = Device::new(mac, link.mtu(), link.offloads())
+            .map_err(|e| format!("{socket}: virtqueues: {e}"))?;
+        let device = Arc::new(Mutex::new(device));
         let cfg = GuestConfig {
             mac,
             learn_mac: spec.mac.is_none(),
@@ -1114,7 +1118,7 @@ mod tests {
                 (GuestAddress(HIGH.0), HIGH.1),
             ])
             .unwrap();
-            let mut d = Device::new(Mac([0x52, 0x54, 0, 0, 0, 1]), 2044, false);
+            let mut d = Device::new(Mac([0x52, 0x54, 0, 0, 0, 1]), 2044, false).unwrap();
             // As SET_MEM_TABLE, SET_FEATURES and the SET_VRING_* requests
             // would leave it.
             d.mem = Some(mem.clone());
@@ -1332,7 +1336,7 @@ mod tests {
 
     #[test]
     fn early_ring_enable_and_feature_checks() {
-        let mut d = Device::new(Mac([0x52, 0x54, 0, 0, 0, 1]), 2044, false);
+        let mut d = Device::new(Mac([0x52, 0x54, 0, 0, 0, 1]), 2044, false).unwrap();
         // Rings start enabled (QEMU's early enables never reach us) and
         // follow the frontend's word after that.
         assert!(d.vqs.iter().all(|v| v.enabled));
