@@ -415,3 +415,51 @@ fn guest_vnic_talks_to_a_remote_host_through_the_translation() {
     a.finish();
     b.finish();
 }
+
+/// The SM makes host b a limited member of the default partition: b
+/// re-reads P_Key index 0 (0xFFFF becomes 0x7FFF, the heavy flush),
+/// leaves and rejoins its groups, and still reaches a, a full member.
+#[test]
+fn pkey_change_is_followed() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (a4, b4) = (Ipv4Addr::new(10, 4, 0, 1), Ipv4Addr::new(10, 4, 0, 2));
+    let (ga, gb) = (0x0002_c903_0000_1a00u64, 0x0002_c903_0000_1b00u64);
+    let mut a = Host::new(&fabric, ga, &[a4.into()]);
+    let mut b = Host::new(&fabric, gb, &[b4.into()]);
+    assert_eq!(b.link.pkey(), 0xFFFF);
+    // Port GUIDs are the node GUIDs plus one.
+    fabric.set_partitions(vec![ipoib_sim::sm::Partition {
+        name: "Default".into(),
+        pkey: 0x7FFF,
+        ipoib: true,
+        mtu: 4,
+        rate: 3,
+        sl: 0,
+        scope: 2,
+        members: vec![
+            (ipoib_sim::sm::Member::Guid(ga + 1), true),
+            (ipoib_sim::sm::Member::Guid(gb + 1), false),
+        ],
+    }]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(b.link.pkey() == 0x7FFF && a.link.carrier() && b.link.carrier())
+        && Instant::now() < deadline
+    {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    assert_eq!((a.link.pkey(), b.link.pkey()), (0xFFFF, 0x7FFF));
+    assert!(
+        a.link.carrier() && b.link.carrier(),
+        "the broadcast group joined again: a {} b {} {:?} {:?}",
+        a.link.carrier(),
+        b.link.carrier(),
+        b.link.counters(),
+        b.link.engine().groups()
+    );
+    let ping = ipv4(b4, a4, b"as a limited member");
+    b.send_ip(&ping);
+    until_delivered(&mut b, &mut a, 1);
+    assert_eq!(a.delivered(), [ping]);
+    a.finish();
+    b.finish();
+}

@@ -761,10 +761,39 @@ impl<T: Transport> Link<T> {
                 self.start();
             }
             // Own LID changed: every address handle and membership is stale.
-            // P_Key table changed: Linux re-reads the P_Key (heavy); this
-            // interface's P_Key is fixed, so a normal flush is what remains.
-            PortChange::LidChange | PortChange::PkeyChange => {
+            PortChange::LidChange => {
                 self.flush(false);
+                self.start();
+            }
+            // P_Key table changed: Linux re-reads the P_Key at the
+            // interface's index (a heavy flush); if it moved, the old
+            // partition's groups are left and everything follows the new.
+            PortChange::PkeyChange => {
+                let _ = self.hca.refresh_ports();
+                let pkey = self
+                    .hca
+                    .info()
+                    .ports
+                    .first()
+                    .and_then(|p| p.pkeys.iter().find(|(i, _)| *i == 0).map(|(_, k)| *k));
+                match pkey {
+                    Some(k) if k != self.pkey => {
+                        tracing::info!(old = self.pkey, new = k, "P_Key changed");
+                        let joined: Vec<_> = self.joined.drain().collect();
+                        for (g, m) in joined {
+                            let _ = self.sa(sa::mc_leave(g, self.gid, m.state));
+                        }
+                        self.flush(false);
+                        self.pkey = k;
+                        for ep in self.eps.iter_mut().flatten() {
+                            ep.engine.set_pkey(k);
+                            if let Some(g) = ep.guest.as_mut() {
+                                g.tr.set_pkey(k);
+                            }
+                        }
+                    }
+                    _ => self.flush(false),
+                }
                 self.start();
             }
             // The SM lost or changed its state: rejoin, refresh paths.

@@ -356,8 +356,12 @@ impl Fabric {
         let mut st = self.state();
         let groups = std::mem::take(&mut st.sm.groups);
         st.sm = SmState::new(partitions);
+        // A re-sweep keeps the groups and their members (as OpenSM does);
+        // groups of a partition that no longer exists go.
         for (k, g) in groups {
-            st.sm.groups.entry(k).or_insert(g);
+            if st.sm.partitions.iter().any(|p| p.pkey == g.pkey & 0x7FFF) {
+                st.sm.groups.insert(k, g);
+            }
         }
         for i in 0..st.ports.len() {
             st.ports[i].pkeys = st.sm.pkey_table(st.ports[i].guid);
@@ -426,7 +430,9 @@ impl Fabric {
             dlid: h.slid,
             slid: SM_LID,
             opcode: wire::OP_UD_SEND_ONLY,
-            pkey: h.pkey,
+            // The SM's port is a full member of every partition: its
+            // packets carry the full P_Key, which a limited member accepts.
+            pkey: h.pkey | 0x8000,
             dest_qp: src_qp,
             deth: Some((0x8001_0000, 1)),
             ..wire::Headers::default()

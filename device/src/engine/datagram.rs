@@ -362,6 +362,15 @@ impl<A: Copy, P> Datagram<A, P> {
         }
     }
 
+    /// The interface's P_Key changed (the SM rewrote the port's P_Key
+    /// table; the heavy flush of ipoib.md §11.2): the broadcast group and
+    /// every MGID follow it. Call after [`Datagram::flush_normal`] and
+    /// before [`Datagram::start`].
+    pub fn set_pkey(&mut self, pkey: u16) {
+        self.cfg.pkey = pkey;
+        self.broadcast = mgid::ipv4(Ipv4Addr::BROADCAST, pkey, self.cfg.scope);
+    }
+
     /// Sets the directed broadcast addresses of the host's IPv4 subnets
     /// (from its addresses and prefix lengths).
     pub fn set_broadcasts(&mut self, broadcasts: Vec<Ipv4Addr>) {

@@ -414,6 +414,11 @@ impl Translator {
         self.hw
     }
 
+    /// Sets the P_Key (the interface's changed): multicast targets follow.
+    pub fn set_pkey(&mut self, pkey: u16) {
+        self.pkey = pkey;
+    }
+
     /// Sets the IPoIB MTU (clamped into router advertisements).
     pub fn set_mtu(&mut self, mtu: u32) {
         self.mtu = mtu;
