@@ -187,7 +187,7 @@ fn serve_link<T: Transport>(
     // One vNIC, with its own endpoint, per vhost-user socket.
     let mut vnics = Vec::new();
     for spec in &opts.vhost_user {
-        match Vnic::start(spec, link) {
+        match Vnic::start(spec, link, opts.control_group) {
             Ok(v) => {
                 eprintln!("ipoib-vfio: serving VMs on {}", spec.socket.display());
                 vnics.push(v);

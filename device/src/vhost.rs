@@ -886,9 +886,16 @@ impl std::fmt::Debug for Vnic {
 
 impl Vnic {
     /// Creates the endpoint for `spec` on `link` and listens on its
-    /// socket; a socket another process serves is an error, a stale one is
-    /// replaced.
-    pub fn start<T: Transport>(spec: &VhostSpec, link: &mut Link<T>) -> Result<Vnic, String> {
+    /// socket, mode 0600, or 0660 and owned by `group` when given (a VMM
+    /// feeds the fabric through it: only its user, or its group, may
+    /// connect); a socket another process serves is an error, a stale one
+    /// is replaced.
+    pub fn start<T: Transport>(
+        spec: &VhostSpec,
+        link: &mut Link<T>,
+        group: Option<u32>,
+    ) -> Result<Vnic, String> {
+        use std::os::unix::fs::PermissionsExt;
         let socket = spec.socket.display().to_string();
         if UnixStream::connect(&spec.socket).is_ok() {
             return Err(format!(
@@ -896,6 +903,13 @@ impl Vnic {
             ));
         }
         let listener = Listener::new(&spec.socket, true).map_err(|e| format!("{socket}: {e}"))?;
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(&spec.socket, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{socket}: {e}"))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(&spec.socket, None, Some(gid))
+                .map_err(|e| format!("{socket}: {e}"))?;
+        }
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("{socket}: {e}"))?;
