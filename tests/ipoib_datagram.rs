@@ -463,3 +463,121 @@ fn pkey_change_is_followed() {
     a.finish();
     b.finish();
 }
+
+fn guest(b: &mut Host, mac: Mac) -> (usize, Rc<Queues>) {
+    let q = Rc::new(Queues::default());
+    let id = b
+        .link
+        .add_guest(
+            GuestConfig {
+                mac,
+                learn_mac: false,
+                allowed: Vec::new(),
+            },
+            Box::new(Shared(q.clone())),
+        )
+        .unwrap();
+    (id, q)
+}
+
+/// Ethernet frames the guest got, virtio-net header stripped.
+fn frames(q: &Queues) -> Vec<Vec<u8>> {
+    q.from_link
+        .borrow()
+        .iter()
+        .map(|f| f[VNET_HDR_LEN_MRG..].to_vec())
+        .collect()
+}
+
+/// Two VMs on one interface: each has its own QPN; they reach each other
+/// through the fabric; one reports (IGMPv2) that it listens to a group
+/// and gets what host a sends there, the other does not.
+#[test]
+fn two_guests_on_one_interface_and_a_multicast_listener() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let a4 = Ipv4Addr::new(10, 5, 0, 1);
+    let (g1, g2) = (Ipv4Addr::new(10, 5, 0, 11), Ipv4Addr::new(10, 5, 0, 12));
+    let mut a = Host::new(&fabric, 0x0002_c903_0000_2a00, &[a4.into()]);
+    let mut b = Host::new(
+        &fabric,
+        0x0002_c903_0000_2b00,
+        &[Ipv4Addr::new(10, 5, 0, 2).into()],
+    );
+    let (m1, m2) = (
+        Mac([0x52, 0x54, 0, 0, 0, 0x11]),
+        Mac([0x52, 0x54, 0, 0, 0, 0x12]),
+    );
+    let (id1, q1) = guest(&mut b, m1);
+    let (id2, q2) = guest(&mut b, m2);
+    run(&mut [&mut a, &mut b], Duration::from_millis(100));
+    let (i1, i2) = (b.link.guest(id1).unwrap(), b.link.guest(id2).unwrap());
+    assert_ne!(i1.hw.qpn(), i2.hw.qpn());
+
+    // Guest 1 asks for guest 2 by ARP; guest 2 sees the request (from
+    // guest 1's synthetic MAC) and answers it.
+    let req = eth_arp(1, m1, g1, Mac::default(), g2);
+    q1.to_link
+        .borrow_mut()
+        .push_back(eth_frame(Mac::BROADCAST, m1, 0x0806, &req));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while q2.from_link.borrow().is_empty() && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let seen = frames(&q2);
+    assert_eq!(&seen[0][12..14], &[0x08, 0x06], "an ARP request");
+    let remac1 = Mac(seen[0][22..28].try_into().unwrap());
+    let reply = eth_arp(2, m2, g2, remac1, g1);
+    q2.to_link
+        .borrow_mut()
+        .push_back(eth_frame(remac1, m2, 0x0806, &reply));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while q1.from_link.borrow().is_empty() && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let got = frames(&q1);
+    assert_eq!(&got[0][20..22], &[0, 2], "guest 1 got the answer");
+    let remac2 = Mac(got[0][22..28].try_into().unwrap());
+    let hello = ipv4(g1, g2, b"vm to vm");
+    q1.to_link
+        .borrow_mut()
+        .push_back(eth_frame(remac2, m1, 0x0800, &hello));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while frames(&q2).len() < 2 && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let last = frames(&q2).pop().unwrap();
+    assert_eq!(
+        &last[14..14 + hello.len()],
+        &hello[..],
+        "guest 2 got guest 1's packet"
+    );
+
+    // Guest 2 reports 239.1.1.1 (IGMPv2, RFC 2236); host a sends there.
+    let group = Ipv4Addr::new(239, 1, 1, 1);
+    let mut report = vec![0x46, 0, 0, 32, 0, 0, 0x40, 0, 1, 2, 0, 0];
+    report.extend_from_slice(&g2.octets());
+    report.extend_from_slice(&group.octets());
+    report.extend_from_slice(&[0x94, 0x04, 0, 0, 0x16, 0, 0, 0]);
+    report.extend_from_slice(&group.octets());
+    let gmac = Mac([0x01, 0x00, 0x5e, 0x01, 0x01, 0x01]);
+    q2.to_link
+        .borrow_mut()
+        .push_back(eth_frame(gmac, m2, 0x0800, &report));
+    run(&mut [&mut a, &mut b], Duration::from_millis(300));
+    let (n1, n2) = (frames(&q1).len(), frames(&q2).len());
+    let m = ipv4(a4, group, b"to the listeners");
+    a.send_ip(&m);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while frames(&q2).len() == n2 && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let last = frames(&q2).pop().unwrap();
+    assert_eq!(&last[..6], &gmac.0, "to the group's MAC");
+    assert_eq!(&last[14..14 + m.len()], &m[..]);
+    run(&mut [&mut a, &mut b], Duration::from_millis(50));
+    assert_eq!(frames(&q1).len(), n1, "guest 1 did not join the group");
+    assert!(b.link.remove_guest(id1).is_empty());
+    assert!(b.link.remove_guest(id2).is_empty());
+    a.finish();
+    b.finish();
+}

@@ -153,7 +153,11 @@ fn testpmd_frontend_exchanges_frames_with_a_remote_host_and_restarts() {
     assert!(!before.connected);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&vm_sock).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "only the daemon's user may attach a VM");
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "only the daemon's user may attach a VM"
+    );
     assert_ne!(before.qpn, 0);
 
     // Host a broadcasts to the subnet: the frames reach testpmd through
