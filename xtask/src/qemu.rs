@@ -74,8 +74,13 @@ pub fn prepare(root: &Path) -> Result<PathBuf, String> {
         return Ok(dir);
     }
     // busybox-static: the initramfs shell; cpio packs it; QEMU's own
-    // shared libraries come from the distribution.
+    // shared libraries come from the distribution. The package lists must
+    // be fresh for `apt-get download`.
     ensure_packages(&[("busybox-static", "busybox"), ("cpio", "cpio")])?;
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
     let deps = Command::new("apt-cache")
         .args(["depends", "qemu-system-x86"])
         .output()
