@@ -1203,6 +1203,8 @@ mod tests {
         }
     }
 
+    const HOST_BUF_FOR_TESTS: usize = 64 * 1024 + 512;
+
     /// A TX frame: zero virtio-net header, then 60 bytes of Ethernet.
     fn frame() -> Vec<u8> {
         let mut f = vec![0u8; HDR_LEN];
@@ -1408,5 +1410,42 @@ mod tests {
         let m = s.default_mac(&gid);
         assert_eq!(m, s.default_mac(&gid), "stable");
         assert_eq!(m.0[0] & 3, 2, "locally administered unicast");
+    }
+
+    #[test]
+    fn garbage_rings_are_survived() {
+        let mut r = Rig::new(feature::VERSION_1 | feature::MRG_RXBUF | feature::EVENT_IDX);
+        let port = r.port();
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut buf = vec![0u8; HOST_BUF_FOR_TESTS];
+        let frame = frame();
+        for _ in 0..2_000 {
+            // A random descriptor: anywhere, any length, any flags, any
+            // next; offered on a random queue under a random head.
+            let q = (next() % 2) as usize;
+            let i = (next() % u64::from(QSIZE)) as u16;
+            let addr = match next() % 4 {
+                0 => next(),
+                1 => next() % 0x4_0000,
+                _ => 0x8000 + next() % 0x100,
+            };
+            let len = (next() % 0x2_0000) as u32;
+            let flags = (next() % 8) as u16;
+            let nxt = (next() % 32) as u16;
+            r.desc(q, i, addr, len, flags, nxt);
+            r.offer(q, (next() % 32) as u16);
+            let _ = port.recv(&mut buf);
+            let _ = port.send(&frame);
+        }
+        // The device still takes a good chain afterwards (a queue that the
+        // garbage did not leave with pending heads).
+        let c = r.counters();
+        assert!(c.tx_bad_chains + c.rx_bad_chains > 0, "{c:?}");
     }
 }

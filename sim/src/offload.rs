@@ -251,4 +251,36 @@ mod tests {
         }
         assert_eq!(joined, data);
     }
+
+    #[test]
+    fn garbage_headers_never_panic() {
+        let mut seed = 0xA076_1D64_78BD_642Fu64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..20_000u32 {
+            let len = (next() % 120) as usize;
+            let mut p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // A plausible IPoIB header and IP version now and then.
+            if len > 5 && round % 2 == 0 {
+                p[..4].copy_from_slice(if round % 4 == 0 {
+                    &[8, 0, 0, 0]
+                } else {
+                    &[0x86, 0xdd, 0, 0]
+                });
+                p[4] = if round % 4 == 0 { 0x45 } else { 0x60 };
+            }
+            let mut q = p.clone();
+            checksum(&mut q, round % 3 == 0, true);
+            let data: Vec<u8> = (0..(next() % 3000) as usize)
+                .map(|_| next() as u8)
+                .collect();
+            let mss = (next() % 2100) as usize;
+            let segs = segment(&p, &data, mss);
+            assert!(!segs.is_empty());
+        }
+    }
 }

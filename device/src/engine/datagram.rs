@@ -1521,4 +1521,40 @@ mod tests {
             }]
         );
     }
+
+    #[test]
+    fn garbage_from_host_and_fabric_is_refused_never_a_panic() {
+        let mut a = host_a();
+        let mut out = Out::new();
+        let mut seed = 0xD1B5_4A32_D192_ED03u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let now = Instant::now();
+        for round in 0..20_000u32 {
+            let len = (next() % 200) as usize;
+            let mut pkt: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Often a plausible start: IPv4, IPv6, or an ICMPv6 ND header.
+            match round % 4 {
+                0 if len > 0 => pkt[0] = 0x45,
+                1 if len > 41 => {
+                    pkt[0] = 0x60;
+                    pkt[6] = 58;
+                    pkt[7] = 255;
+                    pkt[40] = 135 + (round % 2) as u8;
+                }
+                2 if len > 8 => pkt[..8].copy_from_slice(&[0, 0x20, 8, 0, 20, 4, 0, 1]),
+                _ => {}
+            }
+            let ty = [ethertype::IPV4, ethertype::ARP, ethertype::IPV6, 0x1234][round as usize % 4];
+            a.receive(from(3, 0x49, round % 2 == 0), ty, &pkt, "rx", now, &mut out);
+            a.transmit(&pkt, "tx", now, &mut out);
+            out.clear();
+        }
+        assert!(a.neighbours(now).len() <= resolve::Config::NEIGHBOURS.max_entries);
+        assert!(a.carrier());
+    }
 }

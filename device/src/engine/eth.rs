@@ -892,7 +892,10 @@ impl Translator {
         let icmp = pkt
             .get(IPV6_HEADER..IPV6_HEADER + plen)
             .ok_or(EthDrop::Malformed)?;
-        let fixed = nd_fixed_len(icmp[0]).ok_or(EthDrop::BadControl)?;
+        // The IPv6 payload length, not the frame, bounds the message: it
+        // may say there is nothing.
+        let ty = *icmp.first().ok_or(EthDrop::BadControl)?;
+        let fixed = nd_fixed_len(ty).ok_or(EthDrop::BadControl)?;
         if icmp.len() < fixed || out.len() < IPV6_HEADER + fixed {
             return Err(EthDrop::BadControl);
         }
@@ -1637,5 +1640,76 @@ mod tests {
         let cut = &igmp3[..igmp3.len() - 6];
         let _ = t.from_guest(&frame(all_v3, GUEST_MAC, 0x0800, cut), &mut out, now);
         assert_eq!(t.take_listens().len(), 1, "the whole first record only");
+    }
+
+    /// Deterministic xorshift, for the garbage below.
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[test]
+    fn garbage_from_either_side_is_refused_or_translated_never_a_panic() {
+        let now = Instant::now();
+        let mut t = translator(Vec::new());
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut out = [0u8; 512];
+        let templates: [&[u8]; 4] = [
+            &guest_ns(),
+            &peer_ra(),
+            &ipoib_arp_reply(),
+            &ipv4([10, 0, 0, 1], [224, 0, 0, 1]),
+        ];
+        for round in 0..20_000u32 {
+            // Start from a valid packet now and then, so that the parsers
+            // get past their first checks, then damage it.
+            let base = templates[round as usize % templates.len()];
+            let len = (rng(&mut seed) % 300) as usize;
+            let mut pkt: Vec<u8> = (0..len)
+                .map(|i| {
+                    let r = rng(&mut seed) as u8;
+                    match base.get(i) {
+                        Some(&b) if r % 8 != 0 => b,
+                        _ => r,
+                    }
+                })
+                .collect();
+            let ty = [0x0800u16, 0x0806, 0x86dd, 0x8100, 0x88cc][round as usize % 5];
+            let from = Sender {
+                slid: (rng(&mut seed) % 8) as u16,
+                sqpn: (rng(&mut seed) % 0x200) as u32,
+                sgid: (round % 3 == 0).then_some(PEER_GID),
+                multicast: round % 2 == 0,
+            };
+            let _ = t.to_guest(from, ty, &pkt, &mut out, now);
+            let dst = if round % 4 == 0 {
+                Mac::BROADCAST
+            } else {
+                Mac([0x33, 0x33, 0, 0, 0, 1])
+            };
+            let mut f = eth_header(dst, GUEST_MAC, ty).to_vec();
+            f.append(&mut pkt);
+            let _ = t.from_guest(&f, &mut out, now);
+        }
+        // The case it found: an ND message whose IPv6 payload length is 0.
+        let mut empty = guest_ns();
+        empty[4..6].fill(0);
+        let dst = Mac::ipv6_multicast("ff02::1:ff00:2".parse().unwrap());
+        let f = frame(dst, GUEST_MAC, 0x86dd, &empty);
+        assert_eq!(t.from_guest(&f, &mut out, now), Err(EthDrop::BadControl));
+        // Still bounded, still working.
+        assert!(t.addresses().len() <= MAX_GUEST_ADDRS);
+        assert!(t.remacs().len() <= MAX_REMACS);
+        assert!(t.take_listens().len() <= MAX_PENDING_LISTENS);
+        let rx = t.to_guest(
+            unicast_from_peer(),
+            0x0806,
+            &ipoib_arp_reply(),
+            &mut out,
+            now,
+        );
+        assert_eq!(rx, Ok(GuestRx::Rewritten(60)));
     }
 }
