@@ -1671,7 +1671,7 @@ mod tests {
                 .map(|i| {
                     let r = rng(&mut seed) as u8;
                     match base.get(i) {
-                        Some(&b) if r % 8 != 0 => b,
+                        Some(&b) if !r.is_multiple_of(8) => b,
                         _ => r,
                     }
                 })
