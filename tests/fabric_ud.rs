@@ -505,3 +505,44 @@ fn tx_sink_completes_sends_without_carrying_them() {
     let (r, _) = b.finish();
     assert!(r.clean());
 }
+
+/// A key bounded to one window (`length64` = 0, as a VM's key will be):
+/// the HCA reads what lies inside it and refuses, with a local protection
+/// error, a gather entry that reaches past its end.
+#[test]
+fn bounded_keys_guard_their_window() {
+    let (_fabric, mut a, b) = pair();
+    let base = a.mem.iova_at(TX_AREA).0;
+    let key = a
+        .hca
+        .exec(&mlx5_driver::cmd::hca::CreatePaMkey {
+            pd: a.hca.pd(),
+            key_low: 0x33,
+            range: Some((base, 64)),
+        })
+        .unwrap();
+    let to_b = AddressVector {
+        dqpn: b.qp.qpn(),
+        qkey: QKEY,
+        dlid: b.lid,
+        ..AddressVector::default()
+    };
+    send(&mut a, &to_b, &[0x08, 0, 0, 0, 1, 2, 3, 4], Some(key));
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    assert!(sc[0].error.is_none(), "inside the window");
+    a.qp.send_done(sc[0].wqe_counter);
+    send(&mut a, &to_b, &[0u8; 65], Some(key));
+    let sc = a.wait_cqes(false, 1, Duration::from_secs(2));
+    assert_eq!(
+        sc[0].error,
+        Some(CqeError::LocalProtection),
+        "one byte past it"
+    );
+    a.hca
+        .exec(&mlx5_driver::cmd::hca::DestroyMkey(key >> 8))
+        .unwrap();
+    let (r, _) = a.finish();
+    assert!(r.clean(), "{r:?}");
+    let (r, _) = b.finish();
+    assert!(r.clean(), "{r:?}");
+}

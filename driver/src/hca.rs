@@ -581,7 +581,11 @@ impl<T: Transport> Hca<T> {
         self.info.pd = pd;
         let lkey = at(
             Step::CreateMkey,
-            self.exec(&CreatePaMkey { pd, key_low: 0x42 }),
+            self.exec(&CreatePaMkey {
+                pd,
+                key_low: 0x42,
+                range: None,
+            }),
         )?;
         self.mkey = Some(lkey);
         self.info.lkey = lkey;

@@ -183,7 +183,7 @@ pub struct Firmware {
     pub(crate) uars: BTreeSet<u32>,
     pub(crate) pds: BTreeSet<u32>,
     pub(crate) next_pd: u32,
-    pub(crate) mkeys: BTreeMap<u32, (u32, u8)>,
+    pub(crate) mkeys: BTreeMap<u32, Mkey>,
     pub(crate) next_mkey: u32,
     pub(crate) eqs: BTreeMap<u8, SimEq>,
     pub(crate) next_eqn: u8,
@@ -207,6 +207,28 @@ pub struct Firmware {
     pub port_history: Vec<u8>,
     /// Counters.
     pub stats: FwStats,
+}
+
+/// A memory key: physical-address (IOVA) mode, over all addresses or one
+/// range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mkey {
+    pub(crate) pd: u32,
+    pub(crate) low: u8,
+    /// `[start, start + len)`, or `None` for `length64`.
+    pub(crate) range: Option<(u64, u64)>,
+}
+
+impl Mkey {
+    /// Whether `[addr, addr + len)` lies inside the key.
+    pub(crate) fn covers(&self, addr: u64, len: u64) -> bool {
+        match self.range {
+            None => true,
+            Some((start, size)) => {
+                addr >= start && addr.checked_add(len).is_some_and(|end| end <= start + size)
+            }
+        }
+    }
 }
 
 /// Vectors to signal after a command, and similar side effects.
@@ -767,7 +789,7 @@ impl Firmware {
                 if !self.pds.contains(&pd) {
                     return Err(fail(op, BAD_RES, Reason::UnknownObject));
                 }
-                if self.mkeys.values().any(|&(p, _)| p == pd)
+                if self.mkeys.values().any(|k| k.pd == pd)
                     || self.qps.values().any(|q| q.pd == pd)
                     || self.srqs.values().any(|q| q.pd == pd)
                 {
@@ -790,19 +812,35 @@ impl Firmware {
                     return Err(fail(op, BAD_PARAM, Reason::BadAccessMode));
                 }
                 let mode = field(i, MKC, 9, 8) | (field(i, MKC, 28, 26) << 2);
-                let length64 = field(i, MKC + 0x0C, 31, 31);
-                if mode != 0 || length64 != 1 {
+                if mode != 0 {
                     // This model implements physical-address keys only.
                     return Err(fail(op, BAD_PARAM, Reason::BadAccessMode));
                 }
+                // length64: all of the address space; else [start, start + len).
+                let range = if field(i, MKC + 0x0C, 31, 31) == 1 {
+                    None
+                } else {
+                    let start = crate::bytes::qword(i, MKC + 0x10);
+                    let len = crate::bytes::qword(i, MKC + 0x18);
+                    if len == 0 || start.checked_add(len).is_none() {
+                        return Err(fail(op, BAD_PARAM, Reason::BadAccessMode));
+                    }
+                    Some((start, len))
+                };
                 let pd = field(i, MKC + 0x0C, 23, 0);
                 if !self.pds.contains(&pd) {
                     return Err(fail(op, BAD_RES, Reason::UnknownObject));
                 }
                 let idx = self.next_mkey;
                 self.next_mkey += 1;
-                self.mkeys
-                    .insert(idx, (pd, field(i, MKC + 0x04, 7, 0) as u8));
+                self.mkeys.insert(
+                    idx,
+                    Mkey {
+                        pd,
+                        low: field(i, MKC + 0x04, 7, 0) as u8,
+                        range,
+                    },
+                );
                 set_field(&mut o, 0x08, 23, 0, idx);
             }
             0x202 => {

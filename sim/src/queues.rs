@@ -654,11 +654,14 @@ impl Firmware {
         }
     }
 
-    pub(crate) fn check_lkey(&self, qp: &SimQp, lkey: u32) -> bool {
+    /// Whether `lkey` lets `qp` reach `[addr, addr + len)`: the key's PD
+    /// is the QP's, its low byte matches, and the range lies inside it.
+    pub(crate) fn check_lkey(&self, qp: &SimQp, lkey: u32, addr: u64, len: u64) -> bool {
         if lkey == RESD_LKEY {
             return qp.rlky;
         }
-        matches!(self.mkeys.get(&(lkey >> 8)), Some(&(pd, low)) if pd == qp.pd && low == lkey as u8)
+        matches!(self.mkeys.get(&(lkey >> 8)),
+            Some(k) if k.pd == qp.pd && k.low == lkey as u8 && k.covers(addr, len))
     }
 
     /// The SQ doorbell (UAR 0x800 + BlueFlame register): QP `qpn` has new WQEs.
@@ -856,7 +859,7 @@ impl Firmware {
             if s.len == 0 {
                 continue;
             }
-            if !self.check_lkey(q, s.lkey) {
+            if !self.check_lkey(q, s.lkey, s.addr, u64::from(s.len)) {
                 return Err(WcError::LocalProtection);
             }
             if payload.len() + s.len as usize > 1 << 16 {
@@ -1096,7 +1099,8 @@ impl Firmware {
             if left == 0 {
                 break;
             }
-            if !self.check_lkey(&q, s.lkey) {
+            let n = (s.len as usize).min(left);
+            if !self.check_lkey(&q, s.lkey, s.addr, n as u64) {
                 self.error_cqe(
                     iommu,
                     q.cqn_rcv,
@@ -1110,7 +1114,6 @@ impl Firmware {
                 self.qp_to_error(iommu, qpn);
                 return;
             }
-            let n = (s.len as usize).min(left);
             if !scatter(iommu, s.addr, &pieces, at, n) {
                 self.error_cqe(
                     iommu,

@@ -613,11 +613,11 @@ impl Firmware {
                 skip -= len;
                 continue;
             }
-            if !self.check_lkey(&q, s.lkey) {
+            let n = (len - skip).min(src.len());
+            if !self.check_lkey(&q, s.lkey, s.addr + skip as u64, n as u64) {
                 err = Some(WcError::LocalProtection);
                 break;
             }
-            let n = (len - skip).min(src.len());
             if iommu.write(s.addr + skip as u64, &src[..n]).is_err() {
                 err = Some(WcError::LocalAccess);
                 break;

@@ -466,6 +466,9 @@ pub struct CreatePaMkey {
     pub pd: u32,
     /// Low byte of the key, chosen by software.
     pub key_low: u8,
+    /// `Some((start, len))`: the key covers only IOVAs `[start, start +
+    /// len)` (`length64` = 0), e.g. one VM's window; `None`: all of them.
+    pub range: Option<(u64, u64)>,
 }
 
 /// mkc field positions (relative to the context at input 0x10).
@@ -478,6 +481,9 @@ mod mkc {
     pub const MKEY_7_0: BitField = BitField::dw(0x04, 7, 0);
     pub const LENGTH64: BitField = BitField::bit(0x0C, 31);
     pub const PD: BitField = BitField::dw(0x0C, 23, 0);
+    /// start_addr and len: 64-bit big-endian at 0x10 and 0x18.
+    pub const START_ADDR: usize = 0x10;
+    pub const LEN: usize = 0x18;
 }
 
 impl Command for CreatePaMkey {
@@ -497,8 +503,16 @@ impl Command for CreatePaMkey {
         mkc::ACCESS_MODE_1_0.within(MKC).set(i, 0);
         mkc::QPN.within(MKC).set(i, 0xFF_FFFF);
         mkc::MKEY_7_0.within(MKC).set(i, u32::from(self.key_low));
-        mkc::LENGTH64.within(MKC).set(i, 1);
         mkc::PD.within(MKC).set(i, self.pd);
+        match self.range {
+            None => mkc::LENGTH64.within(MKC).set(i, 1),
+            Some((start, len)) => {
+                let at = MKC + mkc::START_ADDR;
+                i[at..at + 8].copy_from_slice(&start.to_be_bytes());
+                let at = MKC + mkc::LEN;
+                i[at..at + 8].copy_from_slice(&len.to_be_bytes());
+            }
+        }
     }
     fn decode(&self, o: &[u8]) -> Result<u32, CmdError> {
         Ok((OBJ24.get(o) << 8) | u32::from(self.key_low))
@@ -710,6 +724,7 @@ mod tests {
         let c = CreatePaMkey {
             pd: 0x000005,
             key_low: 0x42,
+            range: None,
         };
         let v = encode_input(&c);
         assert_eq!(v.len(), 0x110);
@@ -724,6 +739,24 @@ mod tests {
         let mut out = [0u8; 16];
         out[0x0B] = 0x07;
         assert_eq!(check_output(&c, &out).unwrap(), 0x0742);
+    }
+
+    #[test]
+    fn bounded_pa_mkey_golden() {
+        // §4.9: length64 clear, start_addr at mkc 0x10 and len at mkc 0x18
+        // (input 0x20 and 0x28), both 8 bytes big-endian.
+        let c = CreatePaMkey {
+            pd: 0x000009,
+            key_low: 0x17,
+            range: Some((0x0001_0000_0000_0000, 0x4000_0000)),
+        };
+        let v = encode_input(&c);
+        assert_eq!(hex(&v[0x10..0x14]), "00000c00");
+        assert_eq!(hex(&v[0x14..0x18]), "ffffff17");
+        assert_eq!(hex(&v[0x1C..0x20]), "00000009");
+        assert_eq!(hex(&v[0x20..0x28]), "0001000000000000");
+        assert_eq!(hex(&v[0x28..0x30]), "0000000040000000");
+        assert!(v[0x30..].iter().all(|&b| b == 0));
     }
 
     #[test]
