@@ -154,6 +154,8 @@ struct Slot {
     ty: u16,
     /// Who sent it (received packets, for a guest's Ethernet header).
     from: Option<Sender>,
+    /// The HCA verified its IPv4 and TCP/UDP checksums (received packets).
+    csum_ok: bool,
 }
 
 /// The Ethernet side of a guest's endpoint.
@@ -1333,6 +1335,7 @@ impl Endpoint {
                 start,
                 end: data + body,
                 ty,
+                csum_ok: c.ip_csum_ok(),
                 from: Some(Sender {
                     slid: c.slid,
                     sqpn: c.src_qpn(),
@@ -1421,6 +1424,10 @@ impl Endpoint {
                     self.pool_free.push(slot);
                     return;
                 };
+                if s.csum_ok {
+                    // The kernel need not check what the HCA verified.
+                    p[s.start] = vnet::F_DATA_VALID;
+                }
                 match host.send(&p[s.start..s.end]) {
                     Ok(_) => self.counters.rx_delivered += 1,
                     Err(e) => tracing::debug!("writing to the host: {e}"),
@@ -1444,6 +1451,9 @@ impl Endpoint {
                         // vnet header, then Ethernet header, then the packet
                         // where the HCA's data was copied.
                         p[..VNET_HDR_LEN_MRG].fill(0);
+                        if s.csum_ok {
+                            p[0] = vnet::F_DATA_VALID;
+                        }
                         p[VNET_HDR_LEN_MRG..data].copy_from_slice(&h);
                         let min = VNET_HDR_LEN_MRG + eth::ETH_MIN_FRAME;
                         if s.end < min {

@@ -61,6 +61,8 @@ use crate::link::{EndpointId, GuestConfig, HostPort, Link};
 pub mod feature {
     /// The guest may hand partial checksums.
     pub const CSUM: u64 = 1 << 0;
+    /// The device may tell the guest checksums were verified (DATA_VALID).
+    pub const GUEST_CSUM: u64 = 1 << 1;
     /// `mtu` in the config space is valid.
     pub const MTU: u64 = 1 << 3;
     /// `mac` in the config space is valid.
@@ -234,7 +236,8 @@ impl Device {
             | feature::MAC
             | feature::PROTOCOL_FEATURES;
         if self.offloads {
-            f |= feature::CSUM | feature::HOST_TSO4 | feature::HOST_TSO6;
+            // GUEST_CSUM: the HCA's receive check becomes DATA_VALID.
+            f |= feature::CSUM | feature::GUEST_CSUM | feature::HOST_TSO4 | feature::HOST_TSO6;
         }
         f
     }
@@ -405,6 +408,10 @@ impl Device {
         // Header (num_buffers = chains used), then the frame.
         let mut h = [0u8; HDR_LEN];
         h[..LEGACY_HDR_LEN].copy_from_slice(vhdr);
+        if self.acked & feature::GUEST_CSUM == 0 {
+            // Only a guest that asked may hear "checksum verified".
+            h[0] &= !crate::vnet::F_DATA_VALID;
+        }
         h[LEGACY_HDR_LEN..].copy_from_slice(&(nh as u16).to_le_bytes());
         let pieces: [&[u8]; 2] = [&h[..hdr], frame];
         let mut at = 0usize;
@@ -834,6 +841,7 @@ impl VhostSpec {
 pub fn feature_names(features: u64) -> Vec<&'static str> {
     [
         (feature::CSUM, "csum"),
+        (feature::GUEST_CSUM, "guest_csum"),
         (feature::MTU, "mtu"),
         (feature::MAC, "mac"),
         (feature::HOST_TSO4, "host_tso4"),
@@ -1447,5 +1455,22 @@ mod tests {
         // garbage did not leave with pending heads).
         let c = r.counters();
         assert!(c.tx_bad_chains + c.rx_bad_chains > 0, "{c:?}");
+    }
+
+    #[test]
+    fn data_valid_reaches_only_a_guest_that_asked() {
+        for (acked, want) in [(0, 0u8), (feature::GUEST_CSUM, crate::vnet::F_DATA_VALID)] {
+            let mut r = Rig::new(feature::VERSION_1 | acked);
+            let port = r.port();
+            r.desc(RXQ, 0, 0x9000, 256, WRITE, 0);
+            r.offer(RXQ, 0);
+            let mut pkt = vec![0u8; HDR_LEN];
+            pkt[0] = crate::vnet::F_DATA_VALID;
+            pkt.extend([9u8; 60]);
+            assert!(port.send(&pkt).is_ok());
+            let mut flags = [0u8; 1];
+            r.mem.read_slice(&mut flags, GuestAddress(0x9000)).unwrap();
+            assert_eq!(flags[0], want, "acked {acked:#x}");
+        }
     }
 }

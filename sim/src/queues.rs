@@ -1143,6 +1143,12 @@ impl Firmware {
         if q.st == 0x8 {
             set_dword(&mut c, 0x24, u32::from(h.pkey));
         }
+        if q.offload == 1 {
+            // Receive checksum offload: what the HCA verified (§6.2).
+            let (hds, types) = crate::offload::receive_check(payload);
+            c[0x1C] = hds;
+            c[0x1D] = types;
+        }
         set_dword(&mut c, 0x2C, total as u32);
         set_dword(&mut c, 0x38, qpn);
         set_word(&mut c, 0x3C, counter);

@@ -83,8 +83,9 @@ pub struct Cqe {
     pub slid: u16,
     /// Receive: `flags_rqpn` (source QPN, SL, GRH indication).
     pub flags_rqpn: u32,
-    /// Receive: `ml_path` (bits 15:8) and `hds_ip_ext` (bits 7:0).
-    pub path_csum: u16,
+    /// Receive: `ml_path` (bits 23:16), `hds_ip_ext` (bits 15:8) and
+    /// `l4_l3_hdr_type` (bits 7:0).
+    pub path_csum: u32,
     /// Error CQEs: decoded syndrome.
     pub error: Option<CqeError>,
     /// Error CQEs: vendor syndrome.
@@ -109,12 +110,24 @@ impl Cqe {
 
     /// Receive: destination LID path bits.
     pub fn path_bits(&self) -> u8 {
-        (self.path_csum >> 8) as u8
+        (self.path_csum >> 16) as u8
     }
 
     /// Receive checksum flags: bit 0 L2 OK, bit 1 L3 OK, bit 2 L4 OK.
     pub fn csum_ok(&self) -> u8 {
-        self.path_csum as u8
+        (self.path_csum >> 8) as u8
+    }
+
+    /// Receive: L3 header type (0 none, 1 IPv6, 2 IPv4).
+    pub fn l3_type(&self) -> u8 {
+        ((self.path_csum >> 2) & 3) as u8
+    }
+
+    /// Receive: the HCA verified the IPv4 header and the TCP/UDP checksum,
+    /// the condition under which Linux's mlx5_ib reports
+    /// `IB_WC_IP_CSUM_OK` (IPv4 only).
+    pub fn ip_csum_ok(&self) -> bool {
+        self.csum_ok() & 0b110 == 0b110 && self.l3_type() == 2
     }
 
     /// Decodes a CQE. Never panics.
@@ -160,7 +173,9 @@ impl Cqe {
                 c.imm_or_pkey = q(0x20) as u32;
                 c.slid = w10 as u16;
                 c.flags_rqpn = (w18 >> 32) as u32;
-                c.path_csum = ((((w10 >> 48) & 0xFF) << 8) | ((w18 >> 24) & 0xFF)) as u16;
+                c.path_csum = ((((w10 >> 48) & 0xFF) << 16)
+                    | ((w18 >> 24) & 0xFF) << 8
+                    | ((w18 >> 16) & 0xFF)) as u32;
             }
         }
         c
@@ -189,6 +204,24 @@ mod tests {
         assert_eq!(c.byte_cnt, 136);
         assert_eq!(c.wqe_counter, 7);
         assert_eq!(c.error, None);
+        assert!(!c.ip_csum_ok(), "nothing verified");
+
+        // §6.2: ml_path 0x11, hds_ip_ext 0x1C (L3 OK, L4 OK), and
+        // l4_l3_hdr_type 0x1D (UDP 2 << 4 | IPv4 2 << 2).
+        e[0x11] = 0x01;
+        e[0x1C] = 0b110;
+        e[0x1D] = 0x28;
+        let c = Cqe::parse(&e);
+        assert_eq!(c.path_bits(), 1);
+        assert_eq!(c.csum_ok(), 0b110);
+        assert_eq!(c.src_qpn(), 0x49, "flags_rqpn unchanged");
+        assert!(c.ip_csum_ok());
+        // IPv6 (type 1) is not vouched for, as with mlx5_ib.
+        e[0x1D] = 0x24;
+        assert!(!Cqe::parse(&e).ip_csum_ok());
+        e[0x1D] = 0x28;
+        e[0x1C] = 0b010;
+        assert!(!Cqe::parse(&e).ip_csum_ok(), "L4 not verified");
     }
 
     #[test]
