@@ -63,78 +63,33 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
         .spawn()
         .expect("busybox (busybox-static) must be installed; cargo xtask test installs it");
 
-    let module_dir = g.join("pkg/usr/lib/x86_64-linux-gnu/qemu");
-    let share = g.join("pkg/usr/share");
-    let append = "console=ttyS0 panic=-1 quiet ipoib.ip4=198.19.0.9/24 ipoib.ip6=fd00:56::9/64 \
-                  ipoib.peer4=198.19.0.2 ipoib.peer6=fd00:56::2 \
-                  ipoib.url=http://198.19.0.2:8000/blob";
-    let out = Command::new("timeout")
-        .arg("150")
-        .arg(g.join("pkg/usr/bin/qemu-system-x86_64"))
-        .env("QEMU_MODULE_DIR", &module_dir)
-        .arg("-L")
-        .arg(share.join("qemu"))
-        .arg("-L")
-        .arg(share.join("seabios"))
-        .arg("-L")
-        .arg(g.join("pkg/usr/lib/ipxe/qemu"))
-        .args([
-            "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1", "-m", "256M",
-        ])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-chardev")
-        .arg(format!("socket,id=char0,path={}", vm_sock.display()))
-        .args(["-netdev", "vhost-user,id=net0,chardev=char0"])
-        .args([
-            "-device",
-            "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=,host_mtu=2044",
-        ])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(g.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(g.join("initrd.gz"))
-        .args(["-append", append])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    // One VM, then another in its place (a VMM restart): the backend
+    // serves both without the daemon restarting.
+    let first = boot(&g, &vm_sock, "52:54:00:12:34:56");
+    check_console(&first);
+    let second = boot(&g, &vm_sock, "52:54:00:12:34:57");
+    check_console(&second);
     let _ = httpd.kill();
     let _ = httpd.wait();
-    let console = String::from_utf8_lossy(&out.stdout);
-    for l in console.lines().filter(|l| l.starts_with("GUEST")) {
-        eprintln!("[guest] {l}");
-    }
-    assert!(
-        console.contains("GUEST-DONE"),
-        "the guest ran to the end:\n{console}"
-    );
-    assert!(console.contains("GUEST-ETH0 mtu=2044"), "MTU from host_mtu");
-    for step in ["GUEST-PING4-OK", "GUEST-PING6-OK", "GUEST-PING-FRAG-OK"] {
-        assert!(console.contains(step), "{step}:\n{console}");
-    }
-    assert!(
-        console.contains(&format!("GUEST-TCP bytes={BLOB}")),
-        "the whole file over TCP:\n{console}"
-    );
-
-    // The backend's view after the guest powered off: the guest's MAC
-    // (QEMU's) was learned (its addresses are forgotten with the
-    // connection), and the frames it sent went out on its own QP.
+    // The backend's view after the guests powered off: the last guest's
+    // MAC (QEMU's) was learned (its addresses are forgotten with the
+    // connection), and the frames they sent went out on the vNIC's QP.
     let Reply::Vms { vms } = b.ask(Ask::Vms {
         interface: "ib0".into(),
     }) else {
         panic!("vms");
     };
     let v = &vms[0];
-    assert_eq!(v.mac, "52:54:00:12:34:56");
+    assert_eq!(
+        v.mac, "52:54:00:12:34:57",
+        "the second VM's MAC, learned anew"
+    );
+    let conns = v
+        .counters
+        .iter()
+        .find(|c| c.name == "connections")
+        .map_or(0, |c| c.value);
+    assert_eq!(conns, 2);
     assert!(!v.connected);
     assert!(v.addresses.is_empty(), "forgotten with the connection");
     assert!(v.remote_macs >= 1);
@@ -150,7 +105,7 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
         "{:?}",
         v.counters
     );
-    assert!(get("guest_rx_frames") > BLOB as u64 / 2044);
+    assert!(get("guest_rx_frames") > 2 * BLOB as u64 / 2044);
     assert_eq!(get("guest_tx_bad_chains"), 0);
     assert_eq!(get("drop_spoofed_mac") + get("drop_spoofed_ip"), 0);
 
@@ -158,4 +113,74 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
     assert!(b.stop(), "host b stopped cleanly");
     drop(fabric);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Boots the guest with its NIC (MAC `mac`) on `vm_sock`; returns what it
+/// printed on the serial console.
+fn boot(g: &std::path::Path, vm_sock: &std::path::Path, mac: &str) -> String {
+    let share = g.join("pkg/usr/share");
+    let append = "console=ttyS0 panic=-1 quiet ipoib.ip4=198.19.0.9/24 ipoib.ip6=fd00:56::9/64 \
+                  ipoib.peer4=198.19.0.2 ipoib.peer6=fd00:56::2 \
+                  ipoib.url=http://198.19.0.2:8000/blob";
+    let out = Command::new("timeout")
+        .arg("150")
+        .arg(g.join("pkg/usr/bin/qemu-system-x86_64"))
+        .env(
+            "QEMU_MODULE_DIR",
+            g.join("pkg/usr/lib/x86_64-linux-gnu/qemu"),
+        )
+        .arg("-L")
+        .arg(share.join("qemu"))
+        .arg("-L")
+        .arg(share.join("seabios"))
+        .arg("-L")
+        .arg(g.join("pkg/usr/lib/ipxe/qemu"))
+        .args([
+            "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1", "-m", "256M",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=char0,path={}", vm_sock.display()))
+        .args(["-netdev", "vhost-user,id=net0,chardev=char0"])
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,netdev=net0,mac={mac},vectors=0,romfile=,host_mtu=2044"
+        ))
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(g.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(g.join("initrd.gz"))
+        .args(["-append", append])
+        .stdin(Stdio::null())
+        .output()
+        .expect("QEMU from the prepared guest directory");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What the guest must have managed.
+fn check_console(console: &str) {
+    for l in console.lines().filter(|l| l.starts_with("GUEST")) {
+        eprintln!("[guest] {l}");
+    }
+    assert!(
+        console.contains("GUEST-DONE"),
+        "the guest ran to the end:\n{console}"
+    );
+    assert!(console.contains("GUEST-ETH0 mtu=2044"), "MTU from host_mtu");
+    for step in ["GUEST-PING4-OK", "GUEST-PING6-OK", "GUEST-PING-FRAG-OK"] {
+        assert!(console.contains(step), "{step}:\n{console}");
+    }
+    assert!(
+        console.contains(&format!("GUEST-TCP bytes={BLOB}")),
+        "the whole file over TCP:\n{console}"
+    );
 }
