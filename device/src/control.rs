@@ -32,18 +32,7 @@ impl ControlServer {
     /// socket file nobody answers on is replaced; one a live daemon serves
     /// is an error.
     pub fn bind(path: &Path, group: Option<u32>) -> io::Result<ControlServer> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "another ipoib-vfio serves the control socket {}",
-                        path.display()
-                    ),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
+        claim_socket_path(path, "another ipoib-vfio serves the control socket")?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -100,6 +89,29 @@ impl ControlServer {
         };
         proto::write_response(stream, &response)
     }
+}
+
+/// Makes `path` free for a new listening socket: a socket file nobody
+/// answers on is removed; one a live process serves is an error (`busy`
+/// says whose); anything that is not a socket is left alone and refused.
+pub(crate) fn claim_socket_path(path: &Path, busy: &str) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{busy} {}", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
 }
 
 impl std::ops::Drop for ControlServer {
@@ -273,4 +285,31 @@ fn counters<T: Transport>(link: &Link<T>) -> Vec<proto::Counter> {
         value: link.engine().drops(*d),
     }));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_are_claimed_carefully() {
+        let dir = std::env::temp_dir().join(format!("ipoib-claim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A file that is not a socket: refused, and still there.
+        let file = dir.join("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        assert!(claim_socket_path(&file, "busy").is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        // A live socket: busy. A dead one: removed.
+        let sock = dir.join("sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let e = claim_socket_path(&sock, "busy").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(l);
+        assert!(claim_socket_path(&sock, "busy").is_ok());
+        assert!(!sock.exists());
+        // Nothing there: nothing to do.
+        assert!(claim_socket_path(&sock, "busy").is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

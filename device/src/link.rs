@@ -161,7 +161,6 @@ struct Slot {
 /// The Ethernet side of a guest's endpoint.
 struct Guest {
     tr: Translator,
-    learn_mac: bool,
     port: Box<dyn HostPort>,
     scratch: Box<[u8]>,
 }
@@ -410,7 +409,6 @@ impl<T: Transport> Link<T> {
             let tr = Translator::new(cfg.mac, hw, self.pkey, mgid::SCOPE_LINK, mtu, cfg.allowed);
             Guest {
                 tr: if cfg.learn_mac { tr.learn_mac() } else { tr },
-                learn_mac: cfg.learn_mac,
                 port,
                 scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             }
@@ -481,7 +479,7 @@ impl<T: Transport> Link<T> {
             .and_then(Option::as_mut)
             .and_then(|e| e.guest.as_mut())
         {
-            g.tr.reset(g.learn_mac);
+            g.tr.reset();
         }
     }
 
@@ -511,6 +509,14 @@ impl<T: Transport> Link<T> {
         for (g, state) in leave {
             self.joined.remove(&g);
             let _ = self.sa(sa::mc_leave(g, self.gid, state));
+        }
+    }
+
+    /// Leaves every port-wide membership (the SA still holds them).
+    fn leave_all(&mut self) {
+        let joined: Vec<_> = self.joined.drain().collect();
+        for (g, m) in joined {
+            let _ = self.sa(sa::mc_leave(g, self.gid, m.state));
         }
     }
 
@@ -781,10 +787,7 @@ impl<T: Transport> Link<T> {
                 match pkey {
                     Some(k) if k != self.pkey => {
                         tracing::info!(old = self.pkey, new = k, "P_Key changed");
-                        let joined: Vec<_> = self.joined.drain().collect();
-                        for (g, m) in joined {
-                            let _ = self.sa(sa::mc_leave(g, self.gid, m.state));
-                        }
+                        self.leave_all();
                         self.flush(false);
                         self.pkey = k;
                         for ep in self.eps.iter_mut().flatten() {
@@ -1186,10 +1189,7 @@ impl<T: Transport> Link<T> {
     /// Leaves every group, destroys every HCA object and shuts the HCA
     /// down.
     pub fn shutdown(mut self) -> TeardownReport {
-        let joined: Vec<_> = self.joined.drain().collect();
-        for (g, m) in joined {
-            let _ = self.sa(sa::mc_leave(g, self.gid, m.state));
-        }
+        self.leave_all();
         let mut errors = Vec::new();
         let eps = std::mem::take(&mut self.eps);
         for ep in eps.into_iter().flatten() {

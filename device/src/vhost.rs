@@ -90,14 +90,17 @@ const TXQ: usize = 1;
 const MAX_QUEUE_SIZE: usize = 1024;
 /// Memory regions a frontend may give.
 const MAX_REGIONS: usize = 32;
-/// Length of the virtio-net header with VERSION_1 or MRG_RXBUF.
-const HDR_LEN: usize = 12;
+/// Length of the virtio-net header with VERSION_1 or MRG_RXBUF (the one
+/// the rest of the daemon uses).
+use mlx5_driver::transport::tun::VNET_HDR_LEN_MRG as HDR_LEN;
 /// Length of the legacy header without either.
 const LEGACY_HDR_LEN: usize = 10;
 /// Descriptors one received frame may be spread over.
 const MAX_RX_DESCS: usize = 64;
 /// `virtio_net_config` up to and including `mtu`.
 const CONFIG_LEN: usize = 12;
+/// Largest config window a frontend may ask for (a vhost-user message).
+const MAX_CONFIG_WINDOW: u32 = 0x1000;
 
 /// What one vNIC's queues saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -629,6 +632,11 @@ impl VhostUserBackendReqHandlerMut for Device {
         size: u32,
         _f: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
+        // A window larger than any config space is a frontend's mistake,
+        // not a reason to allocate gigabytes.
+        if size > MAX_CONFIG_WINDOW {
+            return Err(VuError::InvalidParam);
+        }
         Ok(self.config(offset, size))
     }
 
@@ -826,14 +834,8 @@ impl VhostSpec {
     /// administered, from the port GID and the socket path, so it is the
     /// same after a restart.
     pub fn default_mac(&self, gid: &[u8; 16]) -> Mac {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         let path = self.socket.as_os_str().as_encoded_bytes();
-        for &b in gid.iter().chain(path) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        let b = h.to_be_bytes();
-        Mac([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+        Mac::local_from(gid.iter().chain(path).copied())
     }
 }
 
@@ -897,7 +899,7 @@ impl Vnic {
     /// socket, mode 0600, or 0660 and owned by `group` when given (a VMM
     /// feeds the fabric through it: only its user, or its group, may
     /// connect); a socket another process serves is an error, a stale one
-    /// is replaced.
+    /// is replaced, and a path that is not a socket is refused.
     pub fn start<T: Transport>(
         spec: &VhostSpec,
         link: &mut Link<T>,
@@ -905,12 +907,12 @@ impl Vnic {
     ) -> Result<Vnic, String> {
         use std::os::unix::fs::PermissionsExt;
         let socket = spec.socket.display().to_string();
-        if UnixStream::connect(&spec.socket).is_ok() {
-            return Err(format!(
-                "{socket}: another process serves this vhost-user socket"
-            ));
-        }
-        let listener = Listener::new(&spec.socket, true).map_err(|e| format!("{socket}: {e}"))?;
+        crate::control::claim_socket_path(
+            &spec.socket,
+            "another process serves the vhost-user socket",
+        )
+        .map_err(|e| e.to_string())?;
+        let listener = Listener::new(&spec.socket, false).map_err(|e| format!("{socket}: {e}"))?;
         let mode = if group.is_some() { 0o660 } else { 0o600 };
         std::fs::set_permissions(&spec.socket, std::fs::Permissions::from_mode(mode))
             .map_err(|e| format!("{socket}: {e}"))?;
@@ -1376,6 +1378,11 @@ mod tests {
         let f = feature::VERSION_1 | feature::MRG_RXBUF | feature::PROTOCOL_FEATURES;
         assert!(d.set_features(f).is_ok());
         assert_eq!(d.acked, f);
+        assert!(
+            d.get_config(0, 0x10_0000, VhostUserConfigFlags::empty())
+                .is_err(),
+            "no megabyte config windows"
+        );
         assert!(d.set_owner().is_ok());
         assert!(d.set_owner().is_err(), "owned once");
         // Ring sizes: powers of two up to the maximum.
@@ -1416,8 +1423,9 @@ mod tests {
         }
         let gid = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 2, 0xc9, 3, 0, 0, 0, 1];
         let m = s.default_mac(&gid);
-        assert_eq!(m, s.default_mac(&gid), "stable");
         assert_eq!(m.0[0] & 3, 2, "locally administered unicast");
+        let other = VhostSpec::parse("ib0=/run/vm2.sock").unwrap();
+        assert_ne!(other.default_mac(&gid), m, "another socket, another MAC");
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn guest_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/qemu-guest"));
     assert!(
-        dir.join("ready").is_file(),
+        dir.join("ready").is_file() && dir.join("boot").is_file(),
         "no QEMU guest in {} (cargo xtask test prepares it; `cargo xtask guest` alone too)",
         dir.display()
     );
@@ -115,54 +115,25 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Boots the guest with its NIC (MAC `mac`) on `vm_sock`; returns what it
-/// printed on the serial console.
+/// Boots the guest with its NIC (MAC `mac`) on `vm_sock`, through the
+/// guest directory's `boot` script; returns what it printed on the serial
+/// console.
 fn boot(g: &std::path::Path, vm_sock: &std::path::Path, mac: &str) -> String {
-    let share = g.join("pkg/usr/share");
-    let append = "console=ttyS0 panic=-1 quiet ipoib.ip4=198.19.0.9/24 ipoib.ip6=fd00:56::9/64 \
-                  ipoib.peer4=198.19.0.2 ipoib.peer6=fd00:56::2 \
-                  ipoib.url=http://198.19.0.2:8000/blob";
     let out = Command::new("timeout")
         .arg("150")
-        .arg(g.join("pkg/usr/bin/qemu-system-x86_64"))
-        .env(
-            "QEMU_MODULE_DIR",
-            g.join("pkg/usr/lib/x86_64-linux-gnu/qemu"),
-        )
-        .arg("-L")
-        .arg(share.join("qemu"))
-        .arg("-L")
-        .arg(share.join("seabios"))
-        .arg("-L")
-        .arg(g.join("pkg/usr/lib/ipxe/qemu"))
+        .arg(g.join("boot"))
+        .arg(vm_sock)
+        .arg(mac)
         .args([
-            "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1", "-m", "256M",
+            "ipoib.ip4=198.19.0.9/24",
+            "ipoib.ip6=fd00:56::9/64",
+            "ipoib.peer4=198.19.0.2",
+            "ipoib.peer6=fd00:56::2",
+            "ipoib.url=http://198.19.0.2:8000/blob",
         ])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-chardev")
-        .arg(format!("socket,id=char0,path={}", vm_sock.display()))
-        .args(["-netdev", "vhost-user,id=net0,chardev=char0"])
-        .arg("-device")
-        .arg(format!(
-            "virtio-net-pci,netdev=net0,mac={mac},vectors=0,romfile=,host_mtu=2044"
-        ))
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(g.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(g.join("initrd.gz"))
-        .args(["-append", append])
         .stdin(Stdio::null())
         .output()
-        .expect("QEMU from the prepared guest directory");
+        .expect("the guest directory's boot script");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

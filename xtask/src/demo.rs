@@ -231,13 +231,7 @@ pub fn run(target: &Path, guest: &Path) -> Result<(), String> {
     }
     let pid = std::process::id();
     let dir = std::env::temp_dir().join(format!("ipoib-demo-{pid}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let mut scene = Scene {
-        dir: dir.clone(),
-        fabric: None,
-        daemons: Vec::new(),
-        netns: Vec::new(),
-    };
+    let mut scene = Scene::new(dir.clone())?;
     let vm_sock = dir.join("vm.sock");
     let spec = format!("ib0={}", vm_sock.display());
     let names = ipoib_hosts(&mut scene, target, true, "demo", &["--vhost-user", &spec])?;
@@ -455,25 +449,9 @@ pub fn bench(target: &Path) -> Result<Vec<String>, String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
 
     let veth = {
-        let mut scene = Scene {
-            dir: dir.join("veth"),
-            fabric: None,
-            daemons: Vec::new(),
-            netns: Vec::new(),
-        };
-        let (va, vb) = (format!("ipoib-veth-a-{pid}"), format!("ipoib-veth-b-{pid}"));
-        for ns in [&va, &vb] {
-            let ok = Command::new("ip")
-                .args(["netns", "add", ns])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                return Err(format!(
-                    "ip netns add {ns} failed (the benchmark needs root)"
-                ));
-            }
-            scene.netns.push(ns.clone());
-        }
+        let mut scene = Scene::new(dir.join("veth"))?;
+        let va = scene.netns(&format!("ipoib-veth-a-{pid}"))?;
+        let vb = scene.netns(&format!("ipoib-veth-b-{pid}"))?;
         let steps: [&[&str]; 5] = [
             &[
                 "link", "add", "veth-a", "netns", &va, "type", "veth", "peer", "name", "veth-b",
@@ -497,13 +475,7 @@ pub fn bench(target: &Path) -> Result<Vec<String>, String> {
         measure(&va, &vb, "10.66.0.2", &stop)?
     };
     let ipoib = {
-        let mut scene = Scene {
-            dir: dir.join("ipoib"),
-            fabric: None,
-            daemons: Vec::new(),
-            netns: Vec::new(),
-        };
-        std::fs::create_dir_all(&scene.dir).map_err(|e| e.to_string())?;
+        let mut scene = Scene::new(dir.join("ipoib"))?;
         let names = ipoib_hosts(&mut scene, target, false, "bench", &[])?;
         println!("==> IPoIB over the simulated fabric");
         measure(&names[0], &names[1], "10.55.0.2", &stop)?

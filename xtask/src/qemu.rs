@@ -71,6 +71,7 @@ touch ready
 pub fn prepare(root: &Path) -> Result<PathBuf, String> {
     let dir = dir(root);
     if dir.join("ready").is_file() {
+        write_boot(&dir)?;
         return Ok(dir);
     }
     // busybox-static: the initramfs shell; cpio packs it; QEMU's own
@@ -114,51 +115,47 @@ pub fn prepare(root: &Path) -> Result<PathBuf, String> {
         "prepare the QEMU guest (QEMU 7.2, Debian kernel, busybox initramfs)",
         Command::new("sh").args(["-c", PREPARE]).current_dir(&dir),
     )?;
+    write_boot(&dir)?;
     Ok(dir)
 }
 
-/// QEMU (TCG, one vCPU, 256 MiB of shared memory) booting the guest in
-/// `dir` with its virtio-net NIC on the vhost-user socket `vm_sock`;
-/// `append` adds to the kernel command line (the `ipoib.*` settings).
+/// `boot SOCKET MAC [KERNEL ARGS...]`, written into the guest directory:
+/// QEMU (TCG, one vCPU, 256 MiB of shared memory) booting the guest with
+/// its virtio-net NIC (MAC `MAC`) on the vhost-user socket `SOCKET`; the
+/// arguments after them add to the kernel command line (the `ipoib.*`
+/// settings). The demo and the VM test both boot through it.
+const BOOT: &str = r#"#!/bin/sh
+set -e
+d=$(cd "$(dirname "$0")" && pwd)
+sock=$1; mac=$2; shift 2
+export QEMU_MODULE_DIR="$d/pkg/usr/lib/x86_64-linux-gnu/qemu"
+# INTx (vectors=0): QEMU 7.2's MSI-X path crashes under TCG with vhost-user.
+exec "$d/pkg/usr/bin/qemu-system-x86_64" \
+  -L "$d/pkg/usr/share/qemu" -L "$d/pkg/usr/share/seabios" -L "$d/pkg/usr/lib/ipxe/qemu" \
+  -accel tcg -machine q35 -cpu max -smp 1 -m 256M \
+  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+  -chardev "socket,id=char0,path=$sock" -netdev vhost-user,id=net0,chardev=char0 \
+  -device "virtio-net-pci,netdev=net0,mac=$mac,vectors=0,romfile=,host_mtu=2044" \
+  -nodefaults -display none -serial stdio -no-reboot \
+  -kernel "$d/vmlinuz" -initrd "$d/initrd.gz" -append "console=ttyS0 panic=-1 quiet $*"
+"#;
+
+/// Writes the `boot` script (always: it may have changed since the guest
+/// was prepared).
+fn write_boot(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("boot");
+    std::fs::write(&path, BOOT).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The guest in `dir` booting with its NIC on `vm_sock`; `append` adds
+/// to the kernel command line.
 pub fn command(dir: &Path, vm_sock: &Path, append: &str) -> Command {
-    let share = dir.join("pkg/usr/share");
-    let mut c = Command::new(dir.join("pkg/usr/bin/qemu-system-x86_64"));
-    c.env(
-        "QEMU_MODULE_DIR",
-        dir.join("pkg/usr/lib/x86_64-linux-gnu/qemu"),
-    )
-    .arg("-L")
-    .arg(share.join("qemu"))
-    .arg("-L")
-    .arg(share.join("seabios"))
-    .arg("-L")
-    .arg(dir.join("pkg/usr/lib/ipxe/qemu"))
-    .args([
-        "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1", "-m", "256M",
-    ])
-    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-    .args(["-numa", "node,memdev=mem"])
-    .arg("-chardev")
-    .arg(format!("socket,id=char0,path={}", vm_sock.display()))
-    .args(["-netdev", "vhost-user,id=net0,chardev=char0"])
-    // INTx: QEMU 7.2's MSI-X path crashes under TCG with vhost-user.
-    .args([
-        "-device",
-        "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,vectors=0,romfile=,host_mtu=2044",
-    ])
-    .args([
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ])
-    .arg("-kernel")
-    .arg(dir.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(dir.join("initrd.gz"))
-    .arg("-append")
-    .arg(format!("console=ttyS0 panic=-1 quiet {append}"));
+    let mut c = Command::new(dir.join("boot"));
+    c.arg(vm_sock)
+        .arg("52:54:00:12:34:56")
+        .args(append.split_whitespace());
     c
 }

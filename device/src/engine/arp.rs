@@ -75,14 +75,6 @@ pub enum ArpError {
     Op(u16),
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn ipv4_at(b: &[u8], at: usize) -> Ipv4Addr {
-    Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
-}
-
 fn hw_at(b: &[u8], at: usize) -> HwAddr {
     let mut a = [0u8; HW_ADDR_LEN];
     a.copy_from_slice(&b[at..at + HW_ADDR_LEN]);
@@ -96,14 +88,16 @@ impl Arp {
         if b.len() < ARP_LEN {
             return Err(ArpError::Truncated(b.len()));
         }
-        let (hrd, pro, hln, pln) = (be16(b, 0), be16(b, 2), b[4], b[5]);
+        // Long enough (checked above): the reads cannot miss.
+        let be16 = |at| super::be16(b, at).unwrap_or(0);
+        let (hrd, pro, hln, pln) = (be16(0), be16(2), b[4], b[5]);
         if hrd != HW_TYPE_INFINIBAND || usize::from(hln) != HW_ADDR_LEN {
             return Err(ArpError::NotInfiniband { hrd, hln });
         }
         if pro != super::ethertype::IPV4 || pln != 4 {
             return Err(ArpError::NotIpv4 { pro, pln });
         }
-        let op = match be16(b, 6) {
+        let op = match be16(6) {
             1 => Op::Request,
             2 => Op::Reply,
             other => return Err(ArpError::Op(other)),
@@ -111,9 +105,9 @@ impl Arp {
         Ok(Self {
             op,
             sender_hw: hw_at(b, 8),
-            sender_ip: ipv4_at(b, 28),
+            sender_ip: super::ipv4_at(b, 28),
             target_hw: hw_at(b, 32),
-            target_ip: ipv4_at(b, 52),
+            target_ip: super::ipv4_at(b, 52),
         })
     }
 

@@ -21,7 +21,7 @@ use super::arp::{ARP_LEN, Arp, Op};
 use super::eth::Target;
 use super::nd::{self, MESSAGE_LEN, Neighbor};
 use super::resolve::{self, Cache, Lookup};
-use super::{Gid, ethertype, mgid};
+use super::{Gid, IPV6_HEADER, ethertype, mgid};
 
 /// Packets queued for a multicast group that is being joined
 /// (`IPOIB_MAX_MCAST_QUEUE`).
@@ -33,8 +33,6 @@ pub const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(16);
 /// Most multicast groups one interface holds; past it, sends to new
 /// groups are dropped (counted) instead of joining.
 pub const MAX_GROUPS: usize = 512;
-/// Length of an IPv6 header.
-const IPV6_HEADER: usize = 40;
 
 /// Static settings of one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]

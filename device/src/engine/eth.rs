@@ -30,7 +30,7 @@ use std::time::Instant;
 use super::addr::{HW_ADDR_LEN, HwAddr};
 use super::arp::{ARP_LEN, Arp, Op};
 use super::nd::{self, LLA_OPTION_LEN, NEXT_HEADER_ICMPV6};
-use super::{Gid, ethertype, mgid};
+use super::{Gid, IPV6_HEADER, be16, ethertype, ipv4_at, ipv6_at, mgid};
 
 /// Length of an Ethernet header.
 pub const ETH_HLEN: usize = 14;
@@ -48,7 +48,6 @@ pub const MAX_GUEST_ADDRS: usize = 16;
 /// (LID, QPN) → IPoIB address entries kept to name the source of unicast
 /// packets that arrive without a GRH.
 const MAX_SOURCES: usize = 4096;
-const IPV6_HEADER: usize = 40;
 /// EtherType of an 802.1Q tag.
 const ETHERTYPE_VLAN: u16 = 0x8100;
 /// EtherType of an 802.1ad tag.
@@ -79,6 +78,18 @@ impl Mac {
     /// The group bit is set (broadcast included).
     pub fn is_multicast(&self) -> bool {
         self.0[0] & 1 != 0
+    }
+
+    /// A locally administered unicast MAC derived from `bytes` (FNV-1a):
+    /// the same bytes give the same MAC, run after run.
+    pub fn local_from(bytes: impl IntoIterator<Item = u8>) -> Mac {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let b = h.to_be_bytes();
+        Mac([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
     }
 
     /// The multicast MAC of an IPv4 group (RFC 1112 §6.4).
@@ -333,21 +344,17 @@ impl RemacTable {
 /// A locally administered unicast MAC from FNV-1a over the QPN, the GID
 /// and a salt.
 fn synthetic_mac(hw: &HwAddr, salt: u8) -> Mac {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in hw.0[1..].iter().chain(std::iter::once(&salt)) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
-    Mac([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+    Mac::local_from(hw.0[1..].iter().chain(std::iter::once(&salt)).copied())
 }
 
 /// The guest's side of one vNIC; see the module documentation.
 #[derive(Debug)]
 pub struct Translator {
     mac: Mac,
-    /// The MAC is taken from the guest's first frame (it was not
-    /// configured: a VMM such as QEMU gives the guest its own).
+    /// The MAC is not configured: each guest's is taken from its first
+    /// frame (a VMM such as QEMU gives the guest its own).
+    learns_mac: bool,
+    /// The next frame's source MAC is taken as the guest's.
     learn_mac: bool,
     hw: HwAddr,
     pkey: u16,
@@ -373,6 +380,7 @@ impl Translator {
     pub fn new(mac: Mac, hw: HwAddr, pkey: u16, scope: u8, mtu: u32, allowed: Vec<IpAddr>) -> Self {
         Self {
             mac,
+            learns_mac: false,
             learn_mac: false,
             hw,
             pkey,
@@ -396,6 +404,7 @@ impl Translator {
     /// Takes the guest's MAC from its next frame instead of insisting on
     /// the one given (until the first frame, that one is presented).
     pub fn learn_mac(mut self) -> Self {
+        self.learns_mac = true;
         self.learn_mac = true;
         self
     }
@@ -403,8 +412,8 @@ impl Translator {
     /// A new guest behind the same vNIC (the VM restarted or reconnected):
     /// learned addresses are forgotten and, unless configured, the MAC is
     /// learned again. The REMACs stay: they are the same for every guest.
-    pub fn reset(&mut self, learn_mac: bool) {
-        self.learn_mac = learn_mac;
+    pub fn reset(&mut self) {
+        self.learn_mac = self.learns_mac;
         self.addresses = self.allowed.clone();
         self.addresses_changed = true;
     }
@@ -463,26 +472,7 @@ impl Translator {
         let m = &ip[ihl..];
         match m[0] {
             0x12 | 0x16 => self.heard(IpAddr::V4(ipv4_at(m, 4))),
-            0x22 => {
-                let n = usize::from(be16(m, 6).unwrap_or(0));
-                let mut at = 8;
-                for _ in 0..n {
-                    let (Some(&ty), Some(&aux), Some(ns)) =
-                        (m.get(at), m.get(at + 1), be16(m, at + 2))
-                    else {
-                        return;
-                    };
-                    if at + 8 > m.len() {
-                        return;
-                    }
-                    // Anything but "include nothing" means listening.
-                    let nothing = matches!(ty, 1 | 3) && ns == 0;
-                    if !nothing {
-                        self.heard(IpAddr::V4(ipv4_at(m, at + 4)));
-                    }
-                    at += 8 + usize::from(ns) * 4 + usize::from(aux) * 4;
-                }
-            }
+            0x22 => self.report_records(m, 4),
             _ => {}
         }
     }
@@ -501,26 +491,35 @@ impl Translator {
         let m = &hbh[at..];
         match m[0] {
             131 if m.len() >= 24 => self.heard(IpAddr::V6(ipv6_at(m, 8))),
-            143 => {
-                let n = usize::from(be16(m, 6).unwrap_or(0));
-                let mut at = 8;
-                for _ in 0..n {
-                    let (Some(&ty), Some(&aux), Some(ns)) =
-                        (m.get(at), m.get(at + 1), be16(m, at + 2))
-                    else {
-                        return;
-                    };
-                    if at + 20 > m.len() {
-                        return;
-                    }
-                    let nothing = matches!(ty, 1 | 3) && ns == 0;
-                    if !nothing {
-                        self.heard(IpAddr::V6(ipv6_at(m, at + 4)));
-                    }
-                    at += 20 + usize::from(ns) * 16 + usize::from(aux) * 4;
-                }
-            }
+            143 => self.report_records(m, 16),
             _ => {}
+        }
+    }
+
+    /// Walks the group records of an IGMPv3 or MLDv2 report (`m` from
+    /// its type on; addresses of `addr_len` bytes): record type, aux data
+    /// length, source count, group, sources, aux data. A group with
+    /// anything but "include nothing" is listened to.
+    fn report_records(&mut self, m: &[u8], addr_len: usize) {
+        let n = usize::from(be16(m, 6).unwrap_or(0));
+        let mut at = 8;
+        for _ in 0..n {
+            let (Some(&ty), Some(&aux), Some(ns)) = (m.get(at), m.get(at + 1), be16(m, at + 2))
+            else {
+                return;
+            };
+            if at + 4 + addr_len > m.len() {
+                return;
+            }
+            if !(matches!(ty, 1 | 3) && ns == 0) {
+                let group = if addr_len == 4 {
+                    IpAddr::V4(ipv4_at(m, at + 4))
+                } else {
+                    IpAddr::V6(ipv6_at(m, at + 4))
+                };
+                self.heard(group);
+            }
+            at += 4 + addr_len * (1 + usize::from(ns)) + usize::from(aux) * 4;
         }
     }
 
@@ -1025,26 +1024,6 @@ fn pad(out: &mut [u8], len: usize) -> usize {
         tail.fill(0);
     }
     padded.max(len)
-}
-
-fn be16(b: &[u8], at: usize) -> Option<u16> {
-    b.get(at..at + 2).map(|s| u16::from_be_bytes([s[0], s[1]]))
-}
-
-fn ipv4_at(b: &[u8], at: usize) -> Ipv4Addr {
-    let mut o = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        o.copy_from_slice(s);
-    }
-    Ipv4Addr::from(o)
-}
-
-fn ipv6_at(b: &[u8], at: usize) -> Ipv6Addr {
-    let mut o = [0u8; 16];
-    if let Some(s) = b.get(at..at + 16) {
-        o.copy_from_slice(s);
-    }
-    Ipv6Addr::from(o)
 }
 
 #[cfg(test)]
@@ -1576,7 +1555,7 @@ mod tests {
             Err(EthDrop::SpoofedMac)
         );
         // A new guest: learned again, addresses forgotten.
-        t.reset(true);
+        t.reset();
         assert!(t.addresses().is_empty());
         assert!(
             t.from_guest(&frame(mdns, GUEST_MAC, 0x0800, &ip), &mut out, now)

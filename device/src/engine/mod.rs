@@ -46,6 +46,33 @@ pub mod ethertype {
 /// Length of the IPoIB encapsulation header.
 pub const IPOIB_HEADER_LEN: usize = 4;
 
+/// Length of the fixed IPv6 header.
+pub(crate) const IPV6_HEADER: usize = 40;
+
+/// The big-endian 16 bits at `at`, if `b` is long enough.
+pub(crate) fn be16(b: &[u8], at: usize) -> Option<u16> {
+    b.get(at..at + 2).map(|s| u16::from_be_bytes([s[0], s[1]]))
+}
+
+/// The IPv4 address at `at` (unspecified if `b` is too short: callers
+/// check lengths first).
+pub(crate) fn ipv4_at(b: &[u8], at: usize) -> std::net::Ipv4Addr {
+    let mut o = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        o.copy_from_slice(s);
+    }
+    o.into()
+}
+
+/// The IPv6 address at `at` (unspecified if `b` is too short).
+pub(crate) fn ipv6_at(b: &[u8], at: usize) -> std::net::Ipv6Addr {
+    let mut o = [0u8; 16];
+    if let Some(s) = b.get(at..at + 16) {
+        o.copy_from_slice(s);
+    }
+    o.into()
+}
+
 /// Reads the EtherType of an IPoIB payload, or `None` if the packet is
 /// shorter than the header. The reserved half is ignored, as on receive.
 pub fn header_type(packet: &[u8]) -> Option<u16> {
