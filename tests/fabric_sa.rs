@@ -249,20 +249,7 @@ fn pkey_violations_are_dropped_and_counted() {
     // Both limited members of 0x0002: the switch drops what a sends on it.
     let mut qp_lim = mlx5_driver::verbs::Qp::create(
         &mut a.hca,
-        &mlx5_driver::verbs::QpConfig {
-            st: mlx5_driver::cmd::qp::ServiceType::Ud,
-            port: 1,
-            pkey_index: 1,
-            qkey: QKEY,
-            log_sq: 4,
-            log_rq: 4,
-            rq_sge: 1,
-            send_cq: a.scq.cqn(),
-            recv_cq: a.rcq.cqn(),
-            block_mc_loopback: true,
-            srq: None,
-            offload: false,
-        },
+        &mlx5_driver::verbs::QpConfig::ud(1, 1, QKEY, 4, a.scq.cqn(), a.rcq.cqn()),
     )
     .unwrap();
     qp_lim.activate_datagram(&mut a.hca).unwrap();
@@ -294,20 +281,7 @@ fn pkey_violations_are_dropped_and_counted() {
     // it through (b holds 0xFFFF), b's HCA drops it and counts a violation.
     let mut b_lim = mlx5_driver::verbs::Qp::create(
         &mut b.hca,
-        &mlx5_driver::verbs::QpConfig {
-            st: mlx5_driver::cmd::qp::ServiceType::Ud,
-            port: 1,
-            pkey_index: 1,
-            qkey: QKEY,
-            log_sq: 4,
-            log_rq: 4,
-            rq_sge: 1,
-            send_cq: b.scq.cqn(),
-            recv_cq: b.rcq.cqn(),
-            block_mc_loopback: true,
-            srq: None,
-            offload: false,
-        },
+        &mlx5_driver::verbs::QpConfig::ud(1, 1, QKEY, 4, b.scq.cqn(), b.rcq.cqn()),
     )
     .unwrap();
     b_lim.activate_datagram(&mut b.hca).unwrap();

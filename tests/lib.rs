@@ -51,7 +51,6 @@ pub mod node {
 
     use ipoib_sim::{Fabric, SimConfig, SimHca};
     use mlx5_driver::Hca;
-    use mlx5_driver::cmd::qp::ServiceType;
     use mlx5_driver::layout::cqe::Cqe;
     use mlx5_driver::layout::smp::{PortInfo, PortState, attr};
     use mlx5_driver::transport::DmaBuffer;
@@ -132,24 +131,8 @@ pub mod node {
             assert_eq!(pi.state, PortState::Active, "port never became Active");
             let scq = Cq::create(&mut hca, 6).expect("send CQ");
             let rcq = Cq::create(&mut hca, 6).expect("recv CQ");
-            let mut qp = Qp::create(
-                &mut hca,
-                &QpConfig {
-                    st: ServiceType::Ud,
-                    port: 1,
-                    pkey_index: 0,
-                    qkey,
-                    log_sq: 6,
-                    log_rq: 6,
-                    rq_sge: 1,
-                    send_cq: scq.cqn(),
-                    recv_cq: rcq.cqn(),
-                    block_mc_loopback: true,
-                    srq: None,
-                    offload: false,
-                },
-            )
-            .expect("UD QP");
+            let mut qp = Qp::create(&mut hca, &QpConfig::ud(1, 0, qkey, 6, scq.cqn(), rcq.cqn()))
+                .expect("UD QP");
             qp.activate_datagram(&mut hca).expect("RTS");
             let mem = hca.alloc_dma(TX_AREA + 65536).expect("buffers");
             let guids = hca.smp(1, attr::GUID_INFO, 0).expect("GUIDInfo");

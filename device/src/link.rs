@@ -22,7 +22,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use mlx5_driver::Hca;
-use mlx5_driver::cmd::qp::ServiceType;
 use mlx5_driver::hca::{AsyncEvent, HcaError, TeardownReport};
 use mlx5_driver::layout::cqe::Cqe;
 use mlx5_driver::layout::eqe::PortChange;
@@ -338,20 +337,12 @@ impl<T: Transport> Link<T> {
         let qp = Qp::create(
             hca,
             &QpConfig {
-                st: ServiceType::Ud,
-                port: 1,
-                pkey_index: 0,
-                qkey: QKEY_DEFAULT,
                 log_sq: LOG_SQ,
-                log_rq: LOG_RQ,
-                rq_sge: 1,
-                send_cq: scq.cqn(),
-                recv_cq: rcq.cqn(),
                 // Siblings on the port must see our multicast; our own
                 // copies are filtered in the engine, as Linux does.
                 block_mc_loopback: false,
-                srq: None,
                 offload: hca.info().ipoib_basic_offloads,
+                ..QpConfig::ud(1, 0, QKEY_DEFAULT, LOG_RQ, scq.cqn(), rcq.cqn())
             },
         );
         let mut qp = match qp {

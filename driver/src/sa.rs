@@ -675,17 +675,9 @@ impl Gsi {
             hca,
             &QpConfig {
                 st: ServiceType::Gsi,
-                port,
-                pkey_index: 0,
-                qkey: GSI_QKEY,
                 log_sq: 7,
-                log_rq: 6,
-                rq_sge: 1,
-                send_cq: scq.cqn(),
-                recv_cq: rcq.cqn(),
                 block_mc_loopback: false,
-                srq: None,
-                offload: false,
+                ..QpConfig::ud(port, 0, GSI_QKEY, 6, scq.cqn(), rcq.cqn())
             },
         )?;
         qp.activate_datagram(hca)?;
