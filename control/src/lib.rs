@@ -140,6 +140,10 @@ pub struct Vm {
     pub connected: bool,
     /// Its queues are set up and enabled: frames move.
     pub ready: bool,
+    /// The VM's memory is mapped for the HCA: its frames are sent from
+    /// guest memory, not copied.
+    #[serde(default)]
+    pub zero_copy: bool,
     /// The vNIC's own UD QPN.
     pub qpn: u32,
     /// Its 20-byte IPoIB hardware address.

@@ -103,10 +103,12 @@ pub enum Command {
         /// besides root (the socket becomes 0660).
         #[arg(long, value_name = "GID")]
         control_group: Option<u32>,
-        /// Serve VMs on a vhost-user-net socket: IF=SOCKET[,mac=MAC][,ip=ADDRESS]...
+        /// Serve VMs on a vhost-user-net socket: IF=SOCKET[,mac=MAC][,ip=ADDRESS]...[,copy]
         /// (repeatable; one vNIC, with a UD QP of its own, per socket). Without
         /// mac= the guest's MAC is learned from its frames; without ip= its
-        /// source addresses are learned (at most 16).
+        /// source addresses are learned (at most 16). The VM's memory is
+        /// mapped for the HCA, which sends from it directly; `copy` copies
+        /// every frame instead.
         #[arg(long = "vhost-user", value_name = "IF=SOCKET")]
         vhost_user: Vec<String>,
     },

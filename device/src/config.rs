@@ -15,6 +15,7 @@
 //! socket = "/run/ipoib-vfio/vm1.sock"
 //! mac = "52:54:00:12:34:56"            # optional: learned from the guest
 //! addresses = ["10.0.0.21"]            # optional: learned from the guest
+//! copy = false                         # true: copy frames, never map guest memory
 //! ```
 //!
 //! The file is input like any other: unknown keys, wrong types and values
@@ -76,6 +77,9 @@ pub struct VhostUserConfig {
     /// Source addresses the guest may use (learned when empty).
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// Copy frames instead of mapping the VM's memory for the HCA.
+    #[serde(default)]
+    pub copy: bool,
 }
 
 impl VhostUserConfig {
@@ -98,6 +102,7 @@ impl VhostUserConfig {
             socket: self.socket.clone(),
             mac,
             addresses,
+            copy: self.copy,
         })
     }
 }

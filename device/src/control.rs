@@ -218,6 +218,7 @@ fn vm_info<T: Transport>(link: &Link<T>, v: &Vnic) -> Option<proto::Vm> {
         ("guest_rx_bad_chains", q.rx_bad_chains),
         ("guest_rx_no_buffers", q.rx_no_buffers),
         ("guest_rx_too_big", q.rx_too_big),
+        ("guest_tx_lent", q.tx_lent),
         ("connections", q.connections),
     ]
     .into_iter()
@@ -240,6 +241,7 @@ fn vm_info<T: Transport>(link: &Link<T>, v: &Vnic) -> Option<proto::Vm> {
         socket: st.socket.display().to_string(),
         connected: st.connected,
         ready: st.ready,
+        zero_copy: st.zero_copy,
         qpn: g.hw.qpn(),
         hw_addr: g.hw.to_string(),
         mac: g.mac.to_string(),
@@ -269,6 +271,7 @@ fn endpoint_counters(c: &LinkCounters) -> Vec<proto::Counter> {
         ("tx_errors", c.tx_errors),
         ("rx_errors", c.rx_errors),
         ("sa_failures", c.sa_failures),
+        ("tx_zero_copy", c.tx_zero_copy),
     ]
     .into_iter()
     .map(|(n, v)| proto::Counter {

@@ -22,14 +22,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use mlx5_driver::Hca;
-use mlx5_driver::hca::{AsyncEvent, HcaError, TeardownReport};
+use mlx5_driver::hca::{AsyncEvent, ForeignWindow, HcaError, TeardownReport};
 use mlx5_driver::layout::cqe::Cqe;
 use mlx5_driver::layout::eqe::PortChange;
 use mlx5_driver::layout::smp::PortState;
 use mlx5_driver::layout::wqe::{AddressVector, Grh, Sge};
 use mlx5_driver::sa::{self, Gsi, MadDest, MadHeader, McMemberRecord, PathRecord, join};
 use mlx5_driver::transport::tun::{Tun, VNET_HDR_LEN_MRG};
-use mlx5_driver::transport::{DmaBuffer, Transport};
+use mlx5_driver::transport::{DmaBuffer, DmaMem, Iova, Transport};
 use mlx5_driver::verbs::{Cq, Qp, QpConfig, TxOffload};
 
 use crate::engine::addr::HwAddr;
@@ -47,12 +47,13 @@ const LOG_RQ: u8 = 8;
 const TX_SLOT: usize = 64 * 1024 + 512;
 const TX_SLOTS: usize = 128;
 /// The SQ in 64-byte basic blocks: a UD send takes two (control,
-/// datagram and data segments), an LSO send up to six.
+/// datagram and data segments), an LSO send or one gathering a lent
+/// packet up to eight.
 const LOG_SQ: u8 = 10;
 /// Room kept for a burst: packets are only taken from the host side while
 /// this many sends of the largest kind fit.
 const TX_HEADROOM: usize = 8;
-const MAX_WQE_BBS: u16 = 6;
+const MAX_WQE_BBS: u16 = 8;
 /// Host packet buffers: virtio-net header + one IP packet (64 KiB with
 /// TSO).
 const HOST_BUF: usize = VNET_HDR_LEN_MRG + 64 * 1024 + 256;
@@ -73,6 +74,47 @@ pub trait HostPort {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one packet.
     fn send(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Reads one packet, or lends it: its first bytes are copied into
+    /// `buf` and the HCA gathers the rest where it lies (a guest's
+    /// buffer, mapped into the VM's window) until [`HostPort::give_back`].
+    fn recv_lent(&self, buf: &mut [u8]) -> io::Result<Received> {
+        self.recv(buf).map(Received::Copied)
+    }
+    /// The HCA is done with a lent packet.
+    fn give_back(&self, _token: u16) {}
+    /// Copies bytes `from..` of a lent packet into `out` and takes it
+    /// back; false if they could not be had.
+    fn copy_back(&self, _token: u16, _from: usize, _out: &mut [u8]) -> bool {
+        false
+    }
+}
+
+/// Most gather entries a lent packet may take.
+pub const MAX_LENT: usize = 8;
+
+/// A packet lent by the host side: what was copied, and where the rest is
+/// for the HCA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lent {
+    /// Bytes copied into the buffer, virtio-net header included.
+    pub head: usize,
+    /// Length of the whole packet, virtio-net header included.
+    pub len: usize,
+    /// Names the packet to [`HostPort::give_back`].
+    pub token: u16,
+    /// Gather entries for bytes `head..len`, in order.
+    pub sges: [Sge; MAX_LENT],
+    /// Entries used.
+    pub n: usize,
+}
+
+/// What [`HostPort::recv_lent`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// The whole packet, this many bytes, is in the buffer.
+    Copied(usize),
+    /// The packet is lent.
+    Lent(Lent),
 }
 
 impl HostPort for Tun {
@@ -119,6 +161,8 @@ pub struct LinkCounters {
     pub rx_errors: u64,
     /// SA transactions that failed.
     pub sa_failures: u64,
+    /// Packets sent straight from a guest's memory (lent, not copied).
+    pub tx_zero_copy: u64,
 }
 
 /// An SA transaction in flight, for an endpoint.
@@ -155,6 +199,8 @@ struct Slot {
     from: Option<Sender>,
     /// The HCA verified its IPv4 and TCP/UDP checksums (received packets).
     csum_ok: bool,
+    /// Bytes from `lent.head` on are still in a guest's buffer.
+    lent: Option<Lent>,
 }
 
 /// The Ethernet side of a guest's endpoint.
@@ -192,7 +238,13 @@ struct Endpoint {
     tx: Option<DmaBuffer>,
     rx_posted: VecDeque<usize>,
     tx_free: Vec<usize>,
-    tx_inflight: VecDeque<usize>,
+    /// Posted sends: slot, and the lent packet they gather from.
+    tx_inflight: VecDeque<(usize, Option<u16>)>,
+    /// A guest's protection domain and keys; `None`: the HCA's own.
+    dom: Option<Domain>,
+    /// Keys over `rx` and `tx`.
+    rx_key: u32,
+    tx_key: u32,
     pool: Vec<Vec<u8>>,
     slots: Vec<Slot>,
     pool_free: Vec<usize>,
@@ -275,8 +327,41 @@ pub enum LinkError {
     Post(mlx5_driver::verbs::PostError),
 }
 
+/// A guest endpoint's protection domain: its QP, keys bounded to the
+/// endpoint's own buffers, and the window of the VM's memory with a key
+/// bounded to it. The HCA reaches nothing else on that QP's behalf.
+#[derive(Debug)]
+struct Domain {
+    pd: u32,
+    rx_key: Option<u32>,
+    tx_key: Option<u32>,
+    window: Option<(ForeignWindow, u32)>,
+}
+
 /// The HCA objects of one endpoint.
-type Parts = (Cq, Cq, Qp, DmaBuffer, DmaBuffer);
+#[derive(Debug, Default)]
+struct Parts {
+    scq: Option<Cq>,
+    rcq: Option<Cq>,
+    qp: Option<Qp>,
+    rx: Option<DmaBuffer>,
+    tx: Option<DmaBuffer>,
+    dom: Option<Domain>,
+}
+
+/// Where a VM's memory is for the HCA: the key, and each region's IOVA
+/// and length in the order given to [`Link::map_guest_memory`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestWindow {
+    /// Key bounded to the window.
+    pub key: u32,
+    /// Each region's IOVA and length.
+    pub regions: Vec<(Iova, u64)>,
+}
+
+/// How long sends gathering from a guest's memory may take to complete
+/// before its mapping is kept instead of removed.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl<T: Transport> Link<T> {
     /// Creates the interface's GSI QP and the host endpoint's QP and
@@ -287,7 +372,7 @@ impl<T: Transport> Link<T> {
             Ok(g) => g,
             Err(e) => return Err((Box::new(e.into()), hca.shutdown())),
         };
-        let parts = match Self::create_endpoint(&mut hca) {
+        let parts = match Self::create_endpoint(&mut hca, false) {
             Ok(p) => p,
             Err(e) => {
                 let _ = gsi.destroy(&mut hca);
@@ -325,56 +410,84 @@ impl<T: Transport> Link<T> {
         Ok(link)
     }
 
-    fn create_endpoint(hca: &mut Hca<T>) -> Result<Parts, LinkError> {
-        let scq = Cq::create(hca, LOG_SQ + 1)?;
-        let rcq = match Cq::create(hca, LOG_RQ + 1) {
-            Ok(c) => c,
+    /// Creates an endpoint's HCA objects: in a protection domain of its
+    /// own for a guest (`own_domain`), in the HCA's for the host.
+    fn create_endpoint(hca: &mut Hca<T>, own_domain: bool) -> Result<Parts, LinkError> {
+        let mut p = Parts::default();
+        match Self::build_parts(hca, &mut p, own_domain) {
+            Ok(()) => Ok(p),
             Err(e) => {
-                let _ = scq.destroy(hca);
-                return Err(e.into());
-            }
-        };
-        let qp = Qp::create(
-            hca,
-            &QpConfig {
-                log_sq: LOG_SQ,
-                // Siblings on the port must see our multicast; our own
-                // copies are filtered in the engine, as Linux does.
-                block_mc_loopback: false,
-                offload: hca.info().ipoib_basic_offloads,
-                ..QpConfig::ud(1, 0, QKEY_DEFAULT, LOG_RQ, scq.cqn(), rcq.cqn())
-            },
-        );
-        let mut qp = match qp {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = scq.destroy(hca);
-                let _ = rcq.destroy(hca);
-                return Err(e.into());
-            }
-        };
-        let bufs = qp
-            .activate_datagram(hca)
-            .map_err(LinkError::from)
-            .and_then(|()| {
-                let rx = hca.alloc_dma(RX_BUFS * RX_BUF)?;
-                match hca.alloc_dma(TX_SLOTS * TX_SLOT) {
-                    Ok(tx) => Ok((rx, tx)),
-                    Err(e) => {
-                        let _ = hca.free_dma(rx);
-                        Err(e.into())
-                    }
-                }
-            });
-        match bufs {
-            Ok((rx, tx)) => Ok((scq, rcq, qp, rx, tx)),
-            Err(e) => {
-                let _ = qp.destroy(hca);
-                let _ = scq.destroy(hca);
-                let _ = rcq.destroy(hca);
+                let _ = Self::release_parts(hca, p);
                 Err(e)
             }
         }
+    }
+
+    fn build_parts(hca: &mut Hca<T>, p: &mut Parts, own_domain: bool) -> Result<(), LinkError> {
+        if own_domain {
+            p.dom = Some(Domain {
+                pd: hca.alloc_pd()?,
+                rx_key: None,
+                tx_key: None,
+                window: None,
+            });
+        }
+        let scq = p.scq.insert(Cq::create(hca, LOG_SQ + 1)?).cqn();
+        let rcq = p.rcq.insert(Cq::create(hca, LOG_RQ + 1)?).cqn();
+        let cfg = QpConfig {
+            log_sq: LOG_SQ,
+            // Siblings on the port must see our multicast; our own
+            // copies are filtered in the engine, as Linux does.
+            block_mc_loopback: false,
+            offload: hca.info().ipoib_basic_offloads,
+            pd: p.dom.as_ref().map(|d| d.pd),
+            ..QpConfig::ud(1, 0, QKEY_DEFAULT, LOG_RQ, scq, rcq)
+        };
+        p.qp.insert(Qp::create(hca, &cfg)?).activate_datagram(hca)?;
+        let rx = p.rx.insert(hca.alloc_dma(RX_BUFS * RX_BUF)?);
+        let (rx_iova, rx_len) = (rx.iova(), rx.len() as u64);
+        let tx = p.tx.insert(hca.alloc_dma(TX_SLOTS * TX_SLOT)?);
+        let (tx_iova, tx_len) = (tx.iova(), tx.len() as u64);
+        if let Some(d) = p.dom.as_mut() {
+            d.rx_key = Some(hca.create_key(d.pd, rx_iova, rx_len)?);
+            d.tx_key = Some(hca.create_key(d.pd, tx_iova, tx_len)?);
+        }
+        Ok(())
+    }
+
+    /// Destroys what `p` holds, the QP first (which flushes its work, so
+    /// nothing points into the buffers or the window afterwards).
+    fn release_parts(hca: &mut Hca<T>, mut p: Parts) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut note = |what: &str, r: Result<(), String>| {
+            if let Err(e) = r {
+                errors.push(format!("{what}: {e}"));
+            }
+        };
+        if let Some(qp) = p.qp.take() {
+            note("destroying a QP", qp.destroy(hca).map_err(|e| e.to_string()));
+        }
+        for cq in [p.scq.take(), p.rcq.take()].into_iter().flatten() {
+            note("destroying a CQ", cq.destroy(hca).map_err(|e| e.to_string()));
+        }
+        if let Some(mut d) = p.dom.take() {
+            if let Some((w, key)) = d.window.take() {
+                note("destroying a window key", hca.destroy_key(key).map_err(|e| e.to_string()));
+                note("unmapping guest memory", hca.unmap_foreign(w).map_err(|e| e.to_string()));
+            }
+            for key in [d.rx_key.take(), d.tx_key.take()].into_iter().flatten() {
+                note("destroying a key", hca.destroy_key(key).map_err(|e| e.to_string()));
+            }
+            // The buffers go before their domain does.
+            for b in [p.rx.take(), p.tx.take()].into_iter().flatten() {
+                note("freeing DMA memory", hca.free_dma(b).map_err(|e| e.to_string()));
+            }
+            note("freeing a PD", hca.dealloc_pd(d.pd).map_err(|e| e.to_string()));
+        }
+        for b in [p.rx.take(), p.tx.take()].into_iter().flatten() {
+            note("freeing DMA memory", hca.free_dma(b).map_err(|e| e.to_string()));
+        }
+        errors
     }
 
     fn assemble(
@@ -382,11 +495,21 @@ impl<T: Transport> Link<T> {
         parts: Parts,
         guest: Option<(GuestConfig, Box<dyn HostPort>)>,
     ) -> Endpoint {
-        let (scq, rcq, qp, rx, tx) = parts;
+        let Parts {
+            scq,
+            rcq,
+            qp,
+            rx,
+            tx,
+            dom,
+        } = parts;
+        let lkey = self.hca.lkey();
+        let rx_key = dom.as_ref().and_then(|d| d.rx_key).unwrap_or(lkey);
+        let tx_key = dom.as_ref().and_then(|d| d.tx_key).unwrap_or(lkey);
         let is_guest = guest.is_some();
         // A guest's vNIC does not accept connected mode (yet): no RC flag.
         let flags = if is_guest { 0 } else { HwAddr::FLAG_RC };
-        let hw = HwAddr::new(flags, qp.qpn(), self.gid);
+        let hw = HwAddr::new(flags, qp.as_ref().map_or(0, Qp::qpn), self.gid);
         let engine = Datagram::new(datagram::Config {
             hw,
             pkey: self.pkey,
@@ -405,11 +528,14 @@ impl<T: Transport> Link<T> {
             }
         });
         let mut ep = Endpoint {
-            scq: Some(scq),
-            rcq: Some(rcq),
-            qp: Some(qp),
-            rx: Some(rx),
-            tx: Some(tx),
+            scq,
+            rcq,
+            qp,
+            rx,
+            tx,
+            dom,
+            rx_key,
+            tx_key,
             rx_posted: VecDeque::with_capacity(RX_BUFS),
             tx_free: (0..TX_SLOTS).rev().collect(),
             tx_inflight: VecDeque::with_capacity(TX_SLOTS),
@@ -424,9 +550,8 @@ impl<T: Transport> Link<T> {
             counters: LinkCounters::default(),
             guest,
         };
-        let lkey = self.hca.lkey();
         for i in 0..RX_BUFS {
-            ep.post_rx(lkey, i);
+            ep.post_rx(i);
         }
         if let Some(qp) = ep.qp.as_mut() {
             qp.ring_rq();
@@ -442,7 +567,7 @@ impl<T: Transport> Link<T> {
         cfg: GuestConfig,
         port: Box<dyn HostPort>,
     ) -> Result<EndpointId, LinkError> {
-        let parts = Self::create_endpoint(&mut self.hca)?;
+        let parts = Self::create_endpoint(&mut self.hca, true)?;
         let ep = self.assemble(parts, Some((cfg, port)));
         let id = match self.eps.iter().position(Option::is_none) {
             Some(free) => {
@@ -489,6 +614,98 @@ impl<T: Transport> Link<T> {
         self.destroy_endpoint(ep)
     }
 
+    /// Maps a guest's memory regions for its endpoint's QP: one window of
+    /// the VM's own, under a key of its protection domain bounded to it
+    /// (a window mapped before is removed first). The HCA then gathers
+    /// sends straight from the guest's buffers ([`HostPort::recv_lent`]).
+    pub fn map_guest_memory(
+        &mut self,
+        id: EndpointId,
+        regions: &[DmaMem],
+    ) -> Result<GuestWindow, String> {
+        self.unmap_guest_memory(id)?;
+        let Link { hca, eps, .. } = self;
+        let Some(dom) = eps
+            .get_mut(id)
+            .and_then(Option::as_mut)
+            .and_then(|e| e.dom.as_mut())
+        else {
+            return Err(format!("endpoint {id} is not a guest's"));
+        };
+        let w = hca.map_foreign(regions).map_err(|e| e.to_string())?;
+        let key = match hca.create_key(dom.pd, w.iova, w.len) {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = hca.unmap_foreign(w);
+                return Err(e.to_string());
+            }
+        };
+        let regions = w.pieces.clone();
+        dom.window = Some((w, key));
+        Ok(GuestWindow { key, regions })
+    }
+
+    /// Removes a guest's window once no send gathers from it any more;
+    /// if one does not complete in time the mapping stays (it goes with
+    /// the endpoint, whose QP's destruction flushes the send).
+    pub fn unmap_guest_memory(&mut self, id: EndpointId) -> Result<(), String> {
+        let mapped = self
+            .eps
+            .get(id)
+            .and_then(Option::as_ref)
+            .and_then(|e| e.dom.as_ref())
+            .is_some_and(|d| d.window.is_some());
+        if !mapped {
+            return Ok(());
+        }
+        if !self.quiesce_guest(id) {
+            return Err("sends from guest memory did not complete: its mapping is kept".into());
+        }
+        let Link { hca, eps, .. } = self;
+        let Some((w, key)) = eps
+            .get_mut(id)
+            .and_then(Option::as_mut)
+            .and_then(|e| e.dom.as_mut())
+            .and_then(|d| d.window.take())
+        else {
+            return Ok(());
+        };
+        let k = hca.destroy_key(key).map_err(|e| e.to_string());
+        let u = hca.unmap_foreign(w).map_err(|e| e.to_string());
+        k.and(u)
+    }
+
+    /// Makes sure nothing of the HCA's points into a guest's memory: the
+    /// packets it lent that wait in the engine are copied in, and the
+    /// posted sends gathering from it complete (false if they do not
+    /// within [`DRAIN_TIMEOUT`]). Call before the guest's rings or memory
+    /// table change.
+    pub fn quiesce_guest(&mut self, id: EndpointId) -> bool {
+        let t = self.hca.transport();
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return true;
+        };
+        ep.take_back_lent();
+        if !ep.lends() {
+            return true;
+        }
+        if let Some(qp) = ep.qp.as_mut() {
+            qp.ring_sq(t);
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            ep.reap_sends();
+            if !ep.lends() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(endpoint = id, "sends from guest memory did not complete");
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
     fn release_memberships(&mut self, id: EndpointId) {
         let mut leave = Vec::new();
         for (g, m) in self.joined.iter_mut() {
@@ -512,27 +729,25 @@ impl<T: Transport> Link<T> {
     }
 
     fn destroy_endpoint(&mut self, mut ep: Endpoint) -> Vec<String> {
-        let mut errors = Vec::new();
-        if let Some(qp) = ep.qp.take() {
+        if let Some(qp) = ep.qp.as_ref() {
             for g in std::mem::take(&mut ep.attached) {
                 let _ = qp.detach(&mut self.hca, g);
             }
-            // Destroying the QP flushes its work: nothing points into the
-            // buffers afterwards.
-            if let Err(e) = qp.destroy(&mut self.hca) {
-                errors.push(format!("destroying a QP: {e}"));
-            }
         }
-        for cq in [ep.scq.take(), ep.rcq.take()].into_iter().flatten() {
-            if let Err(e) = cq.destroy(&mut self.hca) {
-                errors.push(format!("destroying a CQ: {e}"));
-            }
-        }
-        for b in [ep.rx.take(), ep.tx.take()].into_iter().flatten() {
-            if let Err(e) = self.hca.free_dma(b) {
-                errors.push(format!("freeing DMA memory: {e}"));
-            }
-        }
+        // Sends still gathering from a guest finish (or are flushed by the
+        // QP's destruction) before its memory is let go; packets the
+        // guest lent come back to it.
+        ep.take_back_lent();
+        let parts = Parts {
+            scq: ep.scq.take(),
+            rcq: ep.rcq.take(),
+            qp: ep.qp.take(),
+            rx: ep.rx.take(),
+            tx: ep.tx.take(),
+            dom: ep.dom.take(),
+        };
+        let errors = Self::release_parts(&mut self.hca, parts);
+        ep.give_back_inflight();
         errors
     }
 
@@ -853,11 +1068,10 @@ impl<T: Transport> Link<T> {
     }
 
     fn receive_batch(&mut self, id: EndpointId, host: &dyn HostPort) -> usize {
-        let lkey = self.hca.lkey();
         let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
             return 0;
         };
-        let n = ep.receive_batch(lkey);
+        let n = ep.receive_batch();
         if n > 0 {
             self.run_actions(id, Some(host));
         }
@@ -892,12 +1106,16 @@ impl<T: Transport> Link<T> {
                 Some(g) => &*g.port,
                 None => host,
             };
-            match port.recv(&mut ep.pool[slot]) {
-                Ok(n) if n > VNET_HDR_LEN_MRG => {
+            match port.recv_lent(&mut ep.pool[slot]) {
+                Ok(Received::Copied(n)) if n > VNET_HDR_LEN_MRG => {
                     read += 1;
-                    ep.accept(slot, n, now);
+                    ep.accept(slot, n, None, now);
                 }
-                Ok(_) => ep.pool_free.push(slot),
+                Ok(Received::Lent(l)) => {
+                    read += 1;
+                    ep.accept(slot, l.head, Some(l), now);
+                }
+                Ok(Received::Copied(_)) => ep.pool_free.push(slot),
                 Err(e) => {
                     ep.pool_free.push(slot);
                     if e.kind() != io::ErrorKind::WouldBlock {
@@ -955,7 +1173,7 @@ impl<T: Transport> Link<T> {
                     }
                     Action::Release(slot) | Action::Dropped(Some(slot), _) => {
                         if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) {
-                            ep.pool_free.push(slot);
+                            ep.free_slot(slot);
                         }
                     }
                     Action::Dropped(None, _) => {}
@@ -1170,11 +1388,10 @@ impl<T: Transport> Link<T> {
     fn send(&mut self, id: EndpointId, dest: Dest<AddressVector>, payload: Payload<usize>) {
         let mtu = self.mtu() as usize;
         let offload = self.offload;
-        let lkey = self.hca.lkey();
         let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
-        ep.send(self.hca.transport(), lkey, mtu, offload, dest, payload);
+        ep.send(self.hca.transport(), mtu, offload, dest, payload);
     }
 
     /// Leaves every group, destroys every HCA object and shuts the HCA
@@ -1216,14 +1433,14 @@ fn split_families(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
 }
 
 impl Endpoint {
-    fn post_rx(&mut self, lkey: u32, i: usize) {
+    fn post_rx(&mut self, i: usize) {
         let (Some(qp), Some(rx)) = (self.qp.as_mut(), self.rx.as_ref()) else {
             return;
         };
         let sge = Sge {
             addr: rx.iova_at(i * RX_BUF).0,
             len: RX_BUF as u32,
-            lkey,
+            lkey: self.rx_key,
         };
         if qp.post_recv(&[sge]).is_ok() {
             self.rx_posted.push_back(i);
@@ -1253,8 +1470,11 @@ impl Endpoint {
                 if let Some(qp) = self.qp.as_mut() {
                     qp.send_done(c.wqe_counter);
                 }
-                if let Some(slot) = self.tx_inflight.pop_front() {
+                if let Some((slot, lent)) = self.tx_inflight.pop_front() {
                     self.tx_free.push(slot);
+                    if let (Some(token), Some(g)) = (lent, self.guest.as_ref()) {
+                        g.port.give_back(token);
+                    }
                 }
             }
             if n < buf.len() {
@@ -1264,7 +1484,7 @@ impl Endpoint {
     }
 
     /// Reaps up to one batch of receive completions into the engine.
-    fn receive_batch(&mut self, lkey: u32) -> usize {
+    fn receive_batch(&mut self) -> usize {
         let Some(rcq) = self.rcq.as_mut() else {
             return 0;
         };
@@ -1289,7 +1509,7 @@ impl Endpoint {
             }
             if c.error.is_some() {
                 self.counters.rx_errors += 1;
-                self.post_rx(lkey, i);
+                self.post_rx(i);
                 continue;
             }
             let len = (c.byte_cnt as usize).clamp(40, RX_BUF) - 40;
@@ -1297,12 +1517,12 @@ impl Endpoint {
             self.counters.rx_bytes += len as u64;
             if len < engine::IPOIB_HEADER_LEN {
                 self.counters.rx_errors += 1;
-                self.post_rx(lkey, i);
+                self.post_rx(i);
                 continue;
             }
             let Some(slot) = self.pool_free.pop() else {
                 self.counters.rx_no_buffer += 1;
-                self.post_rx(lkey, i);
+                self.post_rx(i);
                 continue;
             };
             let mut grh = [0u8; 40];
@@ -1316,7 +1536,7 @@ impl Endpoint {
                 p[start..data].fill(0);
                 rx.read(i * RX_BUF + 44, &mut p[data..data + body]);
             }
-            self.post_rx(lkey, i);
+            self.post_rx(i);
             let has_grh = c.grh();
             let multicast = has_grh && grh[24] == 0xFF;
             let ty = u16::from_be_bytes([hdr[0], hdr[1]]);
@@ -1327,6 +1547,7 @@ impl Endpoint {
                 end: data + body,
                 ty,
                 csum_ok: c.ip_csum_ok(),
+                lent: None,
                 from: Some(Sender {
                     slid: c.slid,
                     sqpn: c.src_qpn(),
@@ -1350,8 +1571,9 @@ impl Endpoint {
     }
 
     /// Takes a packet of `n` bytes just read into pool buffer `slot` from
-    /// the host side into the engine.
-    fn accept(&mut self, slot: usize, n: usize, now: Instant) {
+    /// the host side into the engine; of a `lent` one, `n` bytes are here
+    /// and the rest in the guest's buffer.
+    fn accept(&mut self, slot: usize, n: usize, lent: Option<Lent>, now: Instant) {
         let Some(g) = self.guest.as_mut() else {
             self.slots[slot] = Slot {
                 start: 0,
@@ -1363,8 +1585,13 @@ impl Endpoint {
             return;
         };
         let p = &mut self.pool[slot];
+        // The translation sees what was copied: for a lent packet, its
+        // Ethernet, IP and transport headers. Those copies are what the
+        // HCA sends, so the guest cannot change them after the checks.
         let frame = &p[VNET_HDR_LEN_MRG..n];
-        match g.tr.from_guest(frame, &mut g.scratch, now) {
+        let result = g.tr.from_guest(frame, &mut g.scratch, now);
+        let slot_end = lent.map_or(n, |l| l.len);
+        match result {
             Ok(GuestTx::Forward { to, ethertype }) => {
                 // The virtio-net header moves to just before the IP packet,
                 // its offsets without the Ethernet header.
@@ -1372,7 +1599,8 @@ impl Endpoint {
                     .and_then(|h| h.without_link_header(eth::ETH_HLEN as u16));
                 let Some(hdr) = hdr else {
                     self.counters.tx_bad_offload += 1;
-                    self.pool_free.push(slot);
+                    self.slots[slot].lent = lent;
+                    self.free_slot(slot);
                     return;
                 };
                 let at = eth::ETH_HLEN;
@@ -1382,13 +1610,14 @@ impl Endpoint {
                 p[at + 10..at + VNET_HDR_LEN_MRG].fill(0);
                 self.slots[slot] = Slot {
                     start: at,
-                    end: n,
+                    end: slot_end,
+                    lent,
                     ..Slot::default()
                 };
                 self.engine
                     .send_to(to, Payload::Host(slot, ethertype), now, &mut self.out);
             }
-            Ok(GuestTx::Rewritten { to, ethertype, len }) => {
+            Ok(GuestTx::Rewritten { to, ethertype, len }) if lent.is_none() => {
                 p[..VNET_HDR_LEN_MRG].fill(0);
                 p[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + len].copy_from_slice(&g.scratch[..len]);
                 self.slots[slot] = Slot {
@@ -1399,9 +1628,61 @@ impl Endpoint {
                 self.engine
                     .send_to(to, Payload::Host(slot, ethertype), now, &mut self.out);
             }
+            // Only TCP and UDP are lent and only ARP and ND rewritten: a
+            // rewrite of a lent packet would be of part of it. Refused.
+            Ok(GuestTx::Rewritten { .. }) => {
+                self.counters.tx_bad_offload += 1;
+                self.slots[slot].lent = lent;
+                self.free_slot(slot);
+            }
             // Counted by the translator.
-            Err(_) => self.pool_free.push(slot),
+            Err(_) => {
+                self.slots[slot].lent = lent;
+                self.free_slot(slot);
+            }
         }
+    }
+
+    /// Returns a pool buffer; a lent packet in it goes back to the guest.
+    fn free_slot(&mut self, slot: usize) {
+        if let Some(l) = self.slots[slot].lent.take()
+            && let Some(g) = self.guest.as_ref()
+        {
+            g.port.give_back(l.token);
+        }
+        self.pool_free.push(slot);
+    }
+
+    /// Packets waiting in the engine (for a path, say) stop borrowing
+    /// guest memory: the rest of each is copied in and the guest's buffer
+    /// given back. One that cannot be had is sent empty-handed: dropped.
+    fn take_back_lent(&mut self) {
+        let Some(g) = self.guest.as_ref() else { return };
+        for (slot, s) in self.slots.iter_mut().enumerate() {
+            let Some(l) = s.lent.take() else { continue };
+            let buf = &mut self.pool[slot];
+            let ok = l.len <= buf.len() && g.port.copy_back(l.token, l.head, &mut buf[l.head..l.len]);
+            if !ok {
+                g.port.give_back(l.token);
+                s.end = 0;
+            }
+        }
+    }
+
+    /// Gives back the lent packets of sends that will never complete (the
+    /// QP is gone).
+    fn give_back_inflight(&mut self) {
+        for (slot, lent) in std::mem::take(&mut self.tx_inflight) {
+            self.tx_free.push(slot);
+            if let (Some(token), Some(g)) = (lent, self.guest.as_ref()) {
+                g.port.give_back(token);
+            }
+        }
+    }
+
+    /// Whether a posted send still gathers from a guest's memory.
+    fn lends(&self) -> bool {
+        self.tx_inflight.iter().any(|(_, l)| l.is_some())
     }
 
     /// Hands a received packet to the host side (the TUN device, or the
@@ -1477,22 +1758,30 @@ impl Endpoint {
     fn send<T: Transport>(
         &mut self,
         t: &T,
-        lkey: u32,
         mtu: usize,
         offload: bool,
         dest: Dest<AddressVector>,
         payload: Payload<usize>,
     ) {
         let ty = payload.ethertype();
-        let (plan, len) = match &payload {
+        let (plan, len, lent) = match &payload {
             Payload::Host(p, _) => {
                 let s = self.slots[*p];
-                let b = &self.pool[*p][s.start..s.end];
+                if s.end < s.start + VNET_HDR_LEN_MRG {
+                    // Lost when it was taken back from a guest.
+                    self.counters.tx_errors += 1;
+                    self.release(payload);
+                    return;
+                }
+                // What is in the pool: all of it, or a lent packet's head.
+                let here = s.lent.map_or(s.end, |l| l.head);
+                let b = &self.pool[*p][s.start..here];
                 let hdr = VnetHdr::parse(b).unwrap_or_default();
                 let packet = &b[VNET_HDR_LEN_MRG.min(b.len())..];
-                (vnet::plan(&hdr, packet), packet.len())
+                let len = s.end - s.start - VNET_HDR_LEN_MRG;
+                (vnet::plan(&hdr, packet), len, s.lent)
             }
-            Payload::Control(c) => (Ok(TxPlan::Plain), c.bytes().len()),
+            Payload::Control(c) => (Ok(TxPlan::Plain), c.bytes().len(), None),
         };
         let plan = match plan {
             Ok(TxPlan::Plain) => TxPlan::Plain,
@@ -1540,31 +1829,44 @@ impl Endpoint {
             return;
         };
         let base = slot * TX_SLOT;
+        let tx_key = self.tx_key;
         let mut inline = [0u8; vnet::MAX_LSO_HEADERS];
-        let (sge, off) = match (&payload, plan) {
+        // The send slot's bytes first, then what a lent packet has left in
+        // the guest's buffer.
+        let mut sges = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; 1 + MAX_LENT];
+        let mut n = 0;
+        let mut put = |sge: Sge| {
+            if sge.len > 0 {
+                sges[n] = sge;
+                n += 1;
+            }
+        };
+        let off = match (&payload, plan) {
             (Payload::Host(p, _), TxPlan::Lso { mss, headers, v4 }) => {
                 // The headers go inline in the WQE; the gather list holds
                 // the TCP payload only.
                 let s = self.slots[*p];
-                let pkt = &self.pool[*p][s.start + VNET_HDR_LEN_MRG..s.end];
+                let here = s.lent.map_or(s.end, |l| l.head);
+                let pkt = &self.pool[*p][s.start + VNET_HDR_LEN_MRG..here];
                 inline[..hdr.len()].copy_from_slice(&hdr);
                 inline[hdr.len()..hdr.len() + headers].copy_from_slice(&pkt[..headers]);
-                let data = &pkt[headers..len.min(headers + TX_SLOT)];
+                let data = &pkt[headers..pkt.len().min(headers + TX_SLOT)];
                 tx.write(base, data);
-                let off = TxOffload {
+                put(Sge {
+                    addr: tx.iova_at(base).0,
+                    len: data.len() as u32,
+                    lkey: tx_key,
+                });
+                self.counters.tx_lso += 1;
+                TxOffload {
                     l3_csum: v4,
                     l4_csum: true,
                     lso: Some((mss, &inline[..hdr.len() + headers])),
-                };
-                self.counters.tx_lso += 1;
-                (
-                    Sge {
-                        addr: tx.iova_at(base).0,
-                        len: data.len() as u32,
-                        lkey,
-                    },
-                    off,
-                )
+                }
             }
             (payload, plan) => {
                 tx.write(base, &hdr);
@@ -1572,12 +1874,18 @@ impl Endpoint {
                     Payload::Host(p, _) => {
                         let s = self.slots[*p];
                         let from = s.start + VNET_HDR_LEN_MRG;
-                        &self.pool[*p][from..from + len.min(TX_SLOT - hdr.len())]
+                        let here = s.lent.map_or(s.end, |l| l.head);
+                        &self.pool[*p][from..here.min(from + TX_SLOT - hdr.len())]
                     }
                     Payload::Control(c) => c.bytes(),
                 };
                 tx.write(base + hdr.len(), body);
-                let off = match plan {
+                put(Sge {
+                    addr: tx.iova_at(base).0,
+                    len: (hdr.len() + body.len()) as u32,
+                    lkey: tx_key,
+                });
+                match plan {
                     TxPlan::Checksum { l3 } => {
                         self.counters.tx_csum += 1;
                         TxOffload {
@@ -1587,28 +1895,32 @@ impl Endpoint {
                         }
                     }
                     _ => TxOffload::default(),
-                };
-                (
-                    Sge {
-                        addr: tx.iova_at(base).0,
-                        len: (hdr.len() + body.len()) as u32,
-                        lkey,
-                    },
-                    off,
-                )
+                }
             }
         };
+        if let Some(l) = lent {
+            for sge in &l.sges[..l.n.min(MAX_LENT)] {
+                put(*sge);
+            }
+        }
+        let sges = &sges[..n];
         let posted = if off == TxOffload::default() {
-            qp.post_send_ud(&av, &[sge], true)
+            qp.post_send_ud(&av, sges, true)
         } else {
-            qp.post_send_ud_offload(&av, &[sge], true, &off)
+            qp.post_send_ud_offload(&av, sges, true, &off)
         };
         match posted {
             Ok(_) => {
                 // The doorbell is rung once for the batch (run_actions).
-                self.tx_inflight.push_back(slot);
+                self.tx_inflight.push_back((slot, lent.map(|l| l.token)));
                 self.counters.tx_packets += 1;
                 self.counters.tx_bytes += len as u64 + hdr.len() as u64;
+                if let Payload::Host(p, _) = &payload
+                    && self.slots[*p].lent.take().is_some()
+                {
+                    // The guest's buffer comes back at completion.
+                    self.counters.tx_zero_copy += 1;
+                }
             }
             Err(_) => {
                 self.tx_free.push(slot);
@@ -1620,7 +1932,7 @@ impl Endpoint {
 
     fn release(&mut self, payload: Payload<usize>) {
         if let Payload::Host(p, _) = payload {
-            self.pool_free.push(p);
+            self.free_slot(p);
         }
     }
 }

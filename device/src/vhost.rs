@@ -11,8 +11,23 @@
 //! moved there between the virtqueues and the interface through
 //! [`VnicPort`], the endpoint's [`HostPort`].
 //!
-//! Frames are copied between guest memory and the daemon's buffers; every
-//! descriptor is checked against the VM's memory table by the copy itself
+//! Zero copy on transmit: the VM's memory regions are mapped for the HCA
+//! at an IOVA window of that VM's own, under a key of the endpoint's own
+//! protection domain bounded to the window ([`Link::map_guest_memory`]),
+//! so its QP reaches that VM's memory and nothing else. A TCP or UDP
+//! frame of [`LEND_MIN`] bytes or more is *lent*: its first [`LEND_HEAD`]
+//! bytes (Ethernet, IP and transport headers) are copied, checked and sent
+//! from the daemon's memory, so the guest cannot change them after the
+//! checks, and the HCA gathers the rest from the guest's buffer, which
+//! goes back on the used ring when the send completes. Every descriptor
+//! is translated through the memory table first; one outside it, or
+//! crossing a region's end, is not lent but copied, and the copy refuses
+//! it. Before any request of the frontend is acted on (a memory table or
+//! ring change, a stop) the endpoint is quiesced: lent frames still
+//! waiting are copied in and posted sends complete, and only then is an
+//! old window removed. Small frames, control traffic, frames for the
+//! guest, and everything of a vNIC started with `copy` are copied.
+//! Copies are checked against the VM's memory table by the copy itself
 //! (an address outside it fails the copy and the chain is returned unused
 //! and counted), and chains are bounded in length and count.
 //!
@@ -38,7 +53,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use mlx5_driver::transport::Transport;
+use mlx5_driver::layout::wqe::Sge;
+use mlx5_driver::transport::{DmaMem, Iova, Transport};
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -54,7 +70,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::engine::eth::Mac;
-use crate::link::{EndpointId, GuestConfig, HostPort, Link};
+use crate::link::{EndpointId, GuestConfig, GuestWindow, HostPort, Lent, Link, MAX_LENT, Received};
 
 /// virtio-net and virtio feature bits this backend knows (virtio 1.2
 /// §5.1.3, §6).
@@ -101,6 +117,14 @@ const MAX_RX_DESCS: usize = 64;
 const CONFIG_LEN: usize = 12;
 /// Largest config window a frontend may ask for (a vhost-user message).
 const MAX_CONFIG_WINDOW: u32 = 0x1000;
+/// Frames shorter than this are copied: below it a copy costs less than
+/// the gather entries and the deferred completion.
+pub const LEND_MIN: usize = 512;
+/// Bytes of a lent frame copied, checked and sent from daemon memory:
+/// Ethernet, IP (with options) and TCP (with options) headers fit.
+pub const LEND_HEAD: usize = 256;
+/// Descriptors a lent frame may have.
+const MAX_LEND_DESCS: usize = 16;
 
 /// What one vNIC's queues saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -124,6 +148,8 @@ pub struct QueueCounters {
     pub connections: u64,
     /// Frontend requests refused (each answered with an error).
     pub bad_requests: u64,
+    /// Frames lent to the HCA (sent from guest memory).
+    pub tx_lent: u64,
 }
 
 /// What `ipoib-tool vms` shows of a vNIC's frontend side.
@@ -137,6 +163,8 @@ pub struct Status {
     pub ready: bool,
     /// Features the frontend acknowledged.
     pub features: u64,
+    /// The VM's memory is mapped for the HCA: sends are zero-copy.
+    pub zero_copy: bool,
     /// Counters.
     pub counters: QueueCounters,
 }
@@ -195,6 +223,31 @@ struct Region {
     frontend_va: u64,
 }
 
+/// Where the HCA sees the VM's memory: the window's key and, per region,
+/// its guest address, length and IOVA.
+#[derive(Debug, Clone)]
+struct Window {
+    key: u32,
+    regions: Vec<(u64, u64, Iova)>,
+}
+
+impl Window {
+    /// The IOVA of `[gpa, gpa + len)` if it lies inside one region.
+    fn iova(&self, gpa: u64, len: u64) -> Option<u64> {
+        self.regions.iter().find_map(|&(base, size, iova)| {
+            let off = gpa.checked_sub(base)?;
+            (off.checked_add(len)? <= size).then(|| iova.0 + off)
+        })
+    }
+}
+
+/// The descriptors of a transmit chain lent to the HCA.
+#[derive(Debug, Clone, Copy)]
+struct LentChain {
+    descs: [(GuestAddress, u32); MAX_LEND_DESCS],
+    n: usize,
+}
+
 /// The device side of one vhost-user-net socket: what the frontend set
 /// up, and the frames moved through it.
 #[derive(Debug)]
@@ -207,6 +260,13 @@ pub struct Device {
     acked_protocol: u64,
     mem: Option<GuestMemoryMmap>,
     regions: Vec<Region>,
+    /// The memory table's regions as the HCA may map them, and a number
+    /// that changes with every table.
+    dma: Vec<DmaMem>,
+    table: u64,
+    window: Option<Window>,
+    /// Transmit chains lent to the HCA, by head index.
+    lent: Vec<Option<LentChain>>,
     vqs: [Vq; 2],
     connected: bool,
     counters: QueueCounters,
@@ -223,6 +283,10 @@ impl Device {
             acked_protocol: 0,
             mem: None,
             regions: Vec::new(),
+            dma: Vec::new(),
+            table: 0,
+            window: None,
+            lent: vec![None; MAX_QUEUE_SIZE],
             vqs: [Vq::new()?, Vq::new()?],
             connected: false,
             counters: QueueCounters::default(),
@@ -252,6 +316,10 @@ impl Device {
         self.acked_protocol = 0;
         self.mem = None;
         self.regions.clear();
+        self.dma.clear();
+        self.table += 1;
+        self.window = None;
+        self.lent.fill(None);
         for vq in &mut self.vqs {
             vq.queue.reset();
             vq.kick = None;
@@ -299,13 +367,15 @@ impl Device {
     }
 
     /// Takes one frame from the transmit queue into `buf` behind a 12-byte
-    /// virtio-net header.
-    fn pop_tx(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// virtio-net header; with `lend`, a frame that qualifies (see the
+    /// module documentation) is lent instead of copied whole.
+    fn pop_tx(&mut self, buf: &mut [u8], lend: bool) -> io::Result<Received> {
         let hdr = self.header_len();
         let event_idx = self.acked & feature::EVENT_IDX != 0;
         let Some(mem) = self.mem.as_ref() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
+        let window = self.window.as_ref().filter(|_| lend && hdr == HDR_LEN);
         let vq = &mut self.vqs[TXQ];
         if !vq.runs() {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -319,6 +389,16 @@ impl Device {
                 return Err(io::ErrorKind::WouldBlock.into());
             };
             let head = chain.head_index();
+            if let Some(w) = window
+                && let Some(slot) = self.lent.get_mut(usize::from(head))
+                && slot.is_none()
+                && let Some((lent, descs)) = lend_chain(chain.clone(), mem, buf, w)
+            {
+                *slot = Some(descs);
+                self.counters.tx_frames += 1;
+                self.counters.tx_lent += 1;
+                return Ok(Received::Lent(lent));
+            }
             let n = read_chain(chain, mem, buf, HDR_LEN - hdr);
             let _ = vq.queue.add_used(mem, head, 0);
             // The guest hears once per event-loop turn (Vnic::flush).
@@ -331,11 +411,49 @@ impl Device {
                         buf[LEGACY_HDR_LEN..HDR_LEN].fill(0);
                     }
                     self.counters.tx_frames += 1;
-                    return Ok(n + HDR_LEN - hdr);
+                    return Ok(Received::Copied(n + HDR_LEN - hdr));
                 }
                 _ => self.counters.tx_bad_chains += 1,
             }
         }
+    }
+
+    /// The HCA is done with lent chain `head`: it goes on the used ring.
+    fn give_back(&mut self, head: u16) {
+        let Some(slot) = self.lent.get_mut(usize::from(head)) else {
+            return;
+        };
+        if slot.take().is_some()
+            && let Some(mem) = self.mem.as_ref()
+        {
+            let vq = &mut self.vqs[TXQ];
+            let _ = vq.queue.add_used(mem, head, 0);
+            vq.unsignalled = true;
+        }
+    }
+
+    /// Copies bytes `from..` of lent chain `head` into `out`, then gives
+    /// the chain back.
+    fn copy_back(&mut self, head: u16, from: usize, out: &mut [u8]) -> bool {
+        let (Some(Some(c)), Some(mem)) = (self.lent.get(usize::from(head)), self.mem.as_ref())
+        else {
+            return false;
+        };
+        let mut at = 0usize;
+        let mut done = 0usize;
+        let mut ok = true;
+        for &(addr, len) in &c.descs[..c.n] {
+            let len = len as usize;
+            let (lo, hi) = (at.max(from), (at + len).min(from + out.len()));
+            if lo < hi {
+                let src = GuestAddress(addr.0 + (lo - at) as u64);
+                ok &= mem.read_slice(&mut out[lo - from..hi - from], src).is_ok();
+                done += hi - lo;
+            }
+            at += len;
+        }
+        self.give_back(head);
+        ok && done == out.len()
     }
 
     /// Writes one frame (`buf`: 12-byte virtio-net header, then the
@@ -517,10 +635,17 @@ impl VhostUserBackendReqHandlerMut for Device {
         }
         let mut regions = Vec::with_capacity(ctx.len());
         let mut table = Vec::with_capacity(ctx.len());
+        let mut dma = Vec::with_capacity(ctx.len());
         for (r, file) in ctx.iter().zip(files) {
             let mapped =
                 GuestRegionMmap::new(r.mmap_region(file)?, GuestAddress(r.guest_phys_addr))
                     .ok_or(VuError::InvalidParam)?;
+            let mapped = Arc::new(mapped);
+            // The HCA is given the very mapping descriptors are read
+            // through; it lives as long as the HCA's mapping of it.
+            if let Some(m) = DmaMem::new(mapped.clone(), 0, r.memory_size as usize) {
+                dma.push(m);
+            }
             regions.push(mapped);
             table.push(Region {
                 gpa: r.guest_phys_addr,
@@ -529,10 +654,18 @@ impl VhostUserBackendReqHandlerMut for Device {
             });
         }
         // Overlapping or otherwise unusable tables are refused here.
-        let mem = GuestMemoryMmap::from_regions(regions)
+        let mem = GuestMemoryMmap::from_arc_regions(regions)
             .map_err(|e| VuError::ReqHandlerError(io::Error::other(e)))?;
         self.mem = Some(mem);
+        // A region the HCA cannot be given leaves the whole table to copies.
+        self.dma = if dma.len() == table.len() {
+            dma
+        } else {
+            Vec::new()
+        };
         self.regions = table;
+        self.table += 1;
+        self.window = None;
         Ok(None)
     }
 
@@ -711,12 +844,102 @@ fn lock(d: &Mutex<Device>) -> MutexGuard<'_, Device> {
 
 impl HostPort for VnicPort {
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        lock(&self.0).pop_tx(buf)
+        match lock(&self.0).pop_tx(buf, false)? {
+            Received::Copied(n) => Ok(n),
+            Received::Lent(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
     }
 
     fn send(&self, buf: &[u8]) -> io::Result<usize> {
         lock(&self.0).push_rx(buf)
     }
+
+    fn recv_lent(&self, buf: &mut [u8]) -> io::Result<Received> {
+        lock(&self.0).pop_tx(buf, true)
+    }
+
+    fn give_back(&self, token: u16) {
+        lock(&self.0).give_back(token);
+    }
+
+    fn copy_back(&self, token: u16, from: usize, out: &mut [u8]) -> bool {
+        lock(&self.0).copy_back(token, from, out)
+    }
+}
+
+/// Lends a transmit chain if it qualifies: readable descriptors only, at
+/// most [`MAX_LEND_DESCS`], a TCP or UDP frame of [`LEND_MIN`] bytes or
+/// more, and every byte past the copied head inside one region of the
+/// window. The virtio-net header and the frame's first [`LEND_HEAD`]
+/// bytes are copied into `buf`; `None` leaves the chain to the copy.
+fn lend_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+    w: &Window,
+) -> Option<(Lent, LentChain)> {
+    let mut c = LentChain {
+        descs: [(GuestAddress(0), 0); MAX_LEND_DESCS],
+        n: 0,
+    };
+    let mut total = 0usize;
+    let mut more = false;
+    for d in chain {
+        if d.is_write_only() || c.n == MAX_LEND_DESCS {
+            return None;
+        }
+        c.descs[c.n] = (d.addr(), d.len());
+        c.n += 1;
+        total = total.checked_add(d.len() as usize)?;
+        more = d.has_next();
+    }
+    let head = HDR_LEN + LEND_HEAD;
+    if more || total < HDR_LEN + LEND_MIN || total > buf.len() {
+        return None;
+    }
+    let mut lent = Lent {
+        head,
+        len: total,
+        token: 0,
+        sges: [Sge {
+            addr: 0,
+            len: 0,
+            lkey: w.key,
+        }; MAX_LENT],
+        n: 0,
+    };
+    let mut at = 0usize;
+    for &(addr, len) in &c.descs[..c.n] {
+        let len = len as usize;
+        // The part of this descriptor inside the copied head.
+        let copied = head.saturating_sub(at).min(len);
+        if copied > 0 {
+            mem.read_slice(&mut buf[at..at + copied], addr).ok()?;
+        }
+        let rest = len - copied;
+        if rest > 0 {
+            let gpa = addr.0.checked_add(copied as u64)?;
+            let iova = w.iova(gpa, rest as u64)?;
+            let sge = lent.sges.get_mut(lent.n)?;
+            sge.addr = iova;
+            sge.len = u32::try_from(rest).ok()?;
+            lent.n += 1;
+        }
+        at += len;
+    }
+    is_tcp_or_udp(&buf[HDR_LEN..head]).then_some((lent, c))
+}
+
+/// Whether an Ethernet frame carries TCP or UDP over IPv4 or IPv6 (no
+/// IPv6 extension headers).
+fn is_tcp_or_udp(frame: &[u8]) -> bool {
+    let l3 = crate::engine::eth::ETH_HLEN;
+    let proto = match (frame.get(12..14), frame.get(l3).map(|b| b >> 4)) {
+        (Some([0x08, 0x00]), Some(4)) => frame.get(l3 + 9),
+        (Some([0x86, 0xDD]), Some(6)) => frame.get(l3 + 6),
+        _ => None,
+    };
+    matches!(proto, Some(6 | 17))
 }
 
 /// Copies the readable descriptors of `chain` into `buf` from `at` on;
@@ -787,10 +1010,12 @@ pub struct VhostSpec {
     pub mac: Option<Mac>,
     /// Source addresses the guest may use; learned when empty.
     pub addresses: Vec<IpAddr>,
+    /// Copy every frame; never map the VM's memory for the HCA.
+    pub copy: bool,
 }
 
 impl VhostSpec {
-    /// Parses `IF=PATH[,mac=MAC][,ip=ADDRESS]...`.
+    /// Parses `IF=PATH[,mac=MAC][,ip=ADDRESS]...[,copy]`.
     pub fn parse(s: &str) -> Result<VhostSpec, String> {
         let (interface, rest) = s
             .split_once('=')
@@ -807,15 +1032,20 @@ impl VhostSpec {
             socket: PathBuf::from(socket),
             mac: None,
             addresses: Vec::new(),
+            copy: false,
         };
         for p in parts {
+            if p == "copy" {
+                spec.copy = true;
+                continue;
+            }
             match p.split_once('=') {
                 Some(("mac", m)) => spec.mac = Some(Self::mac(m)?),
                 Some(("ip", a)) => spec.addresses.push(
                     a.parse()
                         .map_err(|_| format!("{a:?} is not an IP address"))?,
                 ),
-                _ => return Err(format!("{p:?}: expected mac=MAC or ip=ADDRESS")),
+                _ => return Err(format!("{p:?}: expected mac=MAC, ip=ADDRESS or copy")),
             }
         }
         Ok(spec)
@@ -882,6 +1112,10 @@ pub struct Vnic {
     /// Kick descriptors registered, per queue.
     kicks: [Option<RawFd>; 2],
     base: u64,
+    /// Map the VM's memory for the HCA (not `copy`).
+    zero_copy: bool,
+    /// The memory table the HCA's window was made for.
+    mapped_table: u64,
 }
 
 impl std::fmt::Debug for Vnic {
@@ -943,6 +1177,8 @@ impl Vnic {
             conn: None,
             kicks: [None; 2],
             base: 0,
+            zero_copy: !spec.copy,
+            mapped_table: 0,
         })
     }
 
@@ -1021,8 +1257,14 @@ impl Vnic {
         let Some((handler, _)) = self.conn.as_mut() else {
             return;
         };
+        // Whatever the request changes (memory table, rings), nothing of
+        // the HCA's points into guest memory while it does.
+        link.quiesce_guest(self.endpoint);
         match handler.handle_request() {
-            Ok(()) => self.sync_kicks(epoll),
+            Ok(()) => {
+                self.sync_kicks(epoll);
+                self.sync_window(link);
+            }
             Err(VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_)) => {
                 tracing::info!(socket = %self.socket.display(), "vhost-user frontend left");
                 self.disconnect(epoll, link);
@@ -1062,6 +1304,38 @@ impl Vnic {
         }
     }
 
+    /// Maps a new memory table for the HCA (removing the old window).
+    fn sync_window<T: Transport>(&mut self, link: &mut Link<T>) {
+        let mut d = lock(&self.device);
+        if d.table == self.mapped_table {
+            return;
+        }
+        self.mapped_table = d.table;
+        d.window = None;
+        if let Err(e) = link.unmap_guest_memory(self.endpoint) {
+            tracing::warn!(socket = %self.socket.display(), "{e}");
+            return;
+        }
+        if !self.zero_copy || d.dma.is_empty() {
+            return;
+        }
+        match link.map_guest_memory(self.endpoint, &d.dma) {
+            Ok(GuestWindow { key, regions }) => {
+                let regions = d
+                    .regions
+                    .iter()
+                    .zip(regions)
+                    .map(|(r, (iova, _))| (r.gpa, r.size, iova))
+                    .collect();
+                d.window = Some(Window { key, regions });
+            }
+            Err(e) => tracing::warn!(
+                socket = %self.socket.display(),
+                "cannot map the VM's memory for the HCA, copying its frames: {e}"
+            ),
+        }
+    }
+
     fn disconnect<T: Transport>(&mut self, epoll: &Epoll, link: &mut Link<T>) {
         if let Some((_, watch)) = self.conn.take() {
             let _ = epoll.ctl(
@@ -1073,10 +1347,14 @@ impl Vnic {
         for fd in self.kicks.iter_mut().filter_map(Option::take) {
             let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
+        // The guest's buffers come back and the HCA lets go of its memory
+        // before the device forgets them.
+        link.quiesce_guest(self.endpoint);
         let mut d = lock(&self.device);
         d.reset();
         d.connected = false;
         drop(d);
+        self.sync_window(link);
         link.reset_guest(self.endpoint);
     }
 
@@ -1099,6 +1377,7 @@ impl Vnic {
             connected: d.connected,
             ready: d.ready(),
             features: d.acked,
+            zero_copy: d.window.is_some(),
             counters: d.counters,
         }
     }

@@ -36,7 +36,7 @@ use crate::pages::PagePool;
 use crate::queues::eq::{EqRing, SPARE_EQES};
 use crate::regs;
 use crate::transport::{
-    DmaBuffer, Iova, IovaSpace, PciIds, Transport, TransportError, dma_rmb, host_page_size, pci,
+    DmaBuffer, DmaMem, Iova, IovaSpace, PciIds, Transport, TransportError, dma_rmb, host_page_size, pci,
     read_pci_ids, wait_eventfd,
 };
 
@@ -355,6 +355,18 @@ enum PageCmd {
 struct PageWork {
     pending: VecDeque<(u16, i32)>,
     in_flight: Option<(PageCmd, ManagePages)>,
+}
+
+/// Memory of someone else's (a VM's) mapped for the device by
+/// [`Hca::map_foreign`]: the window, and where each piece of it sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignWindow {
+    /// First IOVA of the window.
+    pub iova: Iova,
+    /// Its length.
+    pub len: u64,
+    /// Each piece's IOVA and length, in the order given.
+    pub pieces: Vec<(Iova, u64)>,
 }
 
 /// A brought-up HCA.
@@ -1103,6 +1115,83 @@ impl<T: Transport> Hca<T> {
     /// longer refers to it.
     pub fn free_dma(&mut self, buf: DmaBuffer) -> Result<(), TransportError> {
         buf.release(&self.t, &mut self.space)
+    }
+
+    /// Maps memory the driver does not own (a VM's regions) for the
+    /// device: one IOVA window, the pieces laid end to end at page
+    /// boundaries. The window is the HCA's view of that memory; keys
+    /// bounded to it ([`Hca::create_key`]) reach that and nothing else.
+    pub fn map_foreign(&mut self, pieces: &[DmaMem]) -> Result<ForeignWindow, TransportError> {
+        let page = host_page_size().max(4096) as u64;
+        let mut len = 0u64;
+        for p in pieces {
+            let n = p.len() as u64;
+            if n == 0 || n % page != 0 || (p.host_ptr() as u64) % page != 0 {
+                return Err(TransportError::BadMapping {
+                    iova: Iova(len),
+                    len: n,
+                    why: "foreign memory must be whole, page-aligned pages",
+                });
+            }
+            len = len.checked_add(n).ok_or(TransportError::IovaExhausted(u64::MAX))?;
+        }
+        let base = self.space.alloc(len.max(page))?;
+        let mut w = ForeignWindow {
+            iova: base,
+            len: len.max(page),
+            pieces: Vec::with_capacity(pieces.len()),
+        };
+        let mut at = base;
+        for p in pieces {
+            if let Err(e) = self.t.map_dma(at, p.clone()) {
+                let _ = self.unmap_foreign(w);
+                return Err(e);
+            }
+            w.pieces.push((at, p.len() as u64));
+            at = at.add(p.len() as u64);
+        }
+        Ok(w)
+    }
+
+    /// Removes a window of [`Hca::map_foreign`]; only once no work the
+    /// device may still run points into it.
+    pub fn unmap_foreign(&mut self, w: ForeignWindow) -> Result<(), TransportError> {
+        let mut first = Ok(());
+        for (iova, len) in &w.pieces {
+            if let Err(e) = self.t.unmap_dma(*iova, *len)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        self.space.free(w.iova, w.len);
+        first
+    }
+
+    /// Allocates a protection domain of its own (a VM's).
+    pub fn alloc_pd(&mut self) -> Result<u32, HcaError> {
+        Ok(self.exec(&AllocPd)?)
+    }
+
+    /// Frees a protection domain of [`Hca::alloc_pd`].
+    pub fn dealloc_pd(&mut self, pd: u32) -> Result<(), HcaError> {
+        Ok(self.exec(&DeallocPd(pd))?)
+    }
+
+    /// Creates a physical-address key in `pd` that covers only
+    /// `[start, start + len)`: work requests naming it reach that range and
+    /// fail with a local protection error anywhere else.
+    pub fn create_key(&mut self, pd: u32, start: Iova, len: u64) -> Result<u32, HcaError> {
+        Ok(self.exec(&CreatePaMkey {
+            pd,
+            key_low: 0x5A,
+            range: Some((start.0, len)),
+        })?)
+    }
+
+    /// Destroys a key of [`Hca::create_key`].
+    pub fn destroy_key(&mut self, key: u32) -> Result<(), HcaError> {
+        Ok(self.exec(&DestroyMkey(key >> 8))?)
     }
 
     /// The UAR of the driver's doorbells.

@@ -166,6 +166,9 @@ pub struct QpConfig {
     /// UD with IPoIB stateless offloads (checksum, LSO): needs cap
     /// `ipoib_basic_offloads`; every send WQE then carries pad + eth segments.
     pub offload: bool,
+    /// Protection domain; `None`: the HCA's own ([`Hca::pd`]). Every key
+    /// the QP's work requests name must belong to it.
+    pub pd: Option<u32>,
 }
 
 impl QpConfig {
@@ -184,6 +187,7 @@ impl QpConfig {
             block_mc_loopback: true,
             srq: None,
             offload: false,
+            pd: None,
         }
     }
 }
@@ -305,7 +309,7 @@ impl Qp {
         let mut c = QpContext::default();
         c.set(qpc::ST, cfg.st as u32)
             .set(qpc::PM_STATE, 3)
-            .set(qpc::PD, hca.pd())
+            .set(qpc::PD, cfg.pd.unwrap_or(hca.pd()))
             .set(qpc::BLOCK_LB_MC, u32::from(cfg.block_mc_loopback))
             .set(qpc::LOG_RQ_SIZE, u32::from(cfg.log_rq))
             .set(qpc::LOG_RQ_STRIDE, log_rq_stride)

@@ -93,10 +93,10 @@ pub fn render(reply: &Reply) -> String {
                     s,
                     "{}: {}",
                     v.socket,
-                    if v.connected {
-                        "connected"
-                    } else {
-                        "waiting for a frontend"
+                    match (v.connected, v.zero_copy) {
+                        (false, _) => "waiting for a frontend",
+                        (true, true) => "connected, zero-copy",
+                        (true, false) => "connected, copying",
                     }
                 );
                 let _ = writeln!(

@@ -39,6 +39,20 @@ impl DmaBacking for MmapRegion<()> {
     }
 }
 
+/// A VM's memory region as a vhost-user backend maps it: the HCA can be
+/// given the very mapping the backend reads descriptors through.
+impl DmaBacking for vm_memory::GuestRegionMmap<()> {
+    fn len(&self) -> usize {
+        self.size()
+    }
+    fn host_ptr(&self) -> *mut u8 {
+        self.as_ptr()
+    }
+    fn volatile(&self) -> VolatileSlice<'_> {
+        self.as_volatile_slice()
+    }
+}
+
 /// A window `[offset, offset + len)` of a [`DmaBacking`]: what a DMA mapping
 /// covers. Cloning shares the backing.
 #[derive(Clone, Debug)]
