@@ -648,3 +648,201 @@ fn verified_checksums_are_passed_on_as_data_valid() {
     a.finish();
     b.finish();
 }
+
+/// A guest side that lends its frames as the vhost-user device does: each
+/// frame is written to "guest memory" (a region mapped for the HCA with
+/// [`Link::map_guest_memory`]), its first `head` bytes are copied into the
+/// interface's buffer and the rest is left for the HCA to gather.
+struct Lender {
+    mem: Arc<vm_memory::MmapRegion<()>>,
+    window: RefCell<Option<ipoib_device::link::GuestWindow>>,
+    /// Frames to send: what the guest's memory holds, and the copied
+    /// head as the device checked it.
+    to_link: RefCell<VecDeque<(Vec<u8>, Vec<u8>)>>,
+    from_link: RefCell<Vec<Vec<u8>>>,
+    given_back: RefCell<Vec<u16>>,
+    next: RefCell<u16>,
+}
+
+/// Where frame `token` sits in the guest's memory.
+const LENT_STRIDE: usize = 8192;
+
+/// The interface's handle on a [`Lender`].
+struct LenderPort(Rc<Lender>);
+
+impl HostPort for LenderPort {
+    fn recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        self.0.from_link.borrow_mut().push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn recv_lent(&self, buf: &mut [u8]) -> io::Result<ipoib_device::link::Received> {
+        use ipoib_device::link::{Lent, MAX_LENT, Received};
+        use mlx5_driver::layout::wqe::Sge;
+        use vm_memory::{Bytes, VolatileMemory};
+        let (frame, head) = self
+            .0
+            .to_link
+            .borrow_mut()
+            .pop_front()
+            .ok_or(io::ErrorKind::WouldBlock)?;
+        let Some(w) = self.0.window.borrow().clone() else {
+            buf[..frame.len()].copy_from_slice(&frame);
+            return Ok(Received::Copied(frame.len()));
+        };
+        let token = {
+            let mut n = self.0.next.borrow_mut();
+            *n += 1;
+            *n
+        };
+        let at = usize::from(token) * LENT_STRIDE;
+        self.0
+            .mem
+            .as_volatile_slice()
+            .write_slice(&frame, at)
+            .unwrap();
+        buf[..head.len()].copy_from_slice(&head);
+        let mut sges = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: w.key,
+        }; MAX_LENT];
+        // The rest in two pieces, as two descriptors would give it.
+        let rest = frame.len() - head.len();
+        let base = w.regions[0].0.0 + (at + head.len()) as u64;
+        sges[0].addr = base;
+        sges[0].len = (rest / 2) as u32;
+        sges[1].addr = base + (rest / 2) as u64;
+        sges[1].len = (rest - rest / 2) as u32;
+        Ok(Received::Lent(Lent {
+            head: head.len(),
+            len: frame.len(),
+            token,
+            sges,
+            n: 2,
+        }))
+    }
+
+    fn give_back(&self, token: u16) {
+        self.0.given_back.borrow_mut().push(token);
+    }
+
+    fn copy_back(&self, token: u16, from: usize, out: &mut [u8]) -> bool {
+        use vm_memory::{Bytes, VolatileMemory};
+        let at = usize::from(token) * LENT_STRIDE + from;
+        let ok = self.0.mem.as_volatile_slice().read_slice(out, at).is_ok();
+        self.give_back(token);
+        ok
+    }
+}
+
+/// Zero copy: a guest's large frames are sent by the HCA from the guest's
+/// memory, mapped at a window of its own. The headers travel from the
+/// copy the interface checked (what the guest's memory holds there does
+/// not matter), the rest from the guest's buffer, which comes back when
+/// the send completes; a frame waiting for a path when the guest stops is
+/// copied in and given back at once; the window goes with the endpoint.
+#[test]
+fn guest_frames_are_sent_from_guest_memory() {
+    use mlx5_driver::transport::{DmaBacking, DmaMem};
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (a4, g4) = (Ipv4Addr::new(10, 7, 0, 1), Ipv4Addr::new(10, 7, 0, 9));
+    let b4 = Ipv4Addr::new(10, 7, 0, 2);
+    let mut a = Host::new(&fabric, 0x0002_c903_0000_4a00, &[a4.into()]);
+    let mut b = Host::new(&fabric, 0x0002_c903_0000_4b00, &[b4.into()]);
+    let mem = Arc::new(vm_memory::MmapRegion::<()>::new(16 * LENT_STRIDE).unwrap());
+    let g = Rc::new(Lender {
+        mem: mem.clone(),
+        window: RefCell::new(None),
+        to_link: RefCell::new(VecDeque::new()),
+        from_link: RefCell::new(Vec::new()),
+        given_back: RefCell::new(Vec::new()),
+        next: RefCell::new(0),
+    });
+    let id = b
+        .link
+        .add_guest(
+            GuestConfig {
+                mac: GUEST_MAC,
+                learn_mac: false,
+                allowed: vec![g4.into()],
+            },
+            Box::new(LenderPort(g.clone())),
+        )
+        .unwrap();
+    let mappings = b.dev.report().mappings;
+    let backing: Arc<dyn DmaBacking> = mem.clone();
+    let w = b
+        .link
+        .map_guest_memory(id, &[DmaMem::new(backing, 0, mem.len()).unwrap()])
+        .unwrap();
+    assert_eq!(b.dev.report().mappings, mappings + 1, "one window");
+    assert_eq!(w.regions.len(), 1);
+    *g.window.borrow_mut() = Some(w);
+
+    // ARP first (copied: the lender copies when it has no window).
+    let window = g.window.replace(None);
+    let req = eth_arp(1, GUEST_MAC, g4, Mac::default(), a4);
+    let f = eth_frame(Mac::BROADCAST, GUEST_MAC, 0x0806, &req);
+    g.to_link.borrow_mut().push_back((f, Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.from_link.borrow().is_empty() && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let reply = g.from_link.borrow()[0][VNET_HDR_LEN_MRG..].to_vec();
+    let remac = Mac(reply[22..28].try_into().unwrap());
+    *g.window.borrow_mut() = window;
+
+    // A 1400-byte UDP packet, lent with a 268-byte head. The guest's
+    // memory holds a forged source address where the head was copied
+    // from: the HCA sends the checked copy.
+    let packet = udp4(g4, a4, &[0x5A; 1372]);
+    let frame = eth_frame(remac, GUEST_MAC, 0x0800, &packet);
+    let head = frame[..VNET_HDR_LEN_MRG + 256].to_vec();
+    let mut in_memory = frame.clone();
+    let src = VNET_HDR_LEN_MRG + 14 + 12;
+    in_memory[src..src + 4].copy_from_slice(&[10, 7, 0, 66]);
+    g.to_link.borrow_mut().push_back((in_memory, head));
+    until_delivered(&mut b, &mut a, 1);
+    assert_eq!(a.delivered(), [packet], "sent whole, as checked");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while g.given_back.borrow().is_empty() && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    assert_eq!(*g.given_back.borrow(), [1], "given back at completion");
+    let info = b.link.guest(id).unwrap();
+    assert_eq!(info.counters.tx_zero_copy, 1);
+
+    // A lent packet to a group not yet joined waits in the engine for
+    // the send-only join; quiescing (as before any frontend request)
+    // copies it in and gives the guest's buffer back at once, and it
+    // still goes when the join completes.
+    let group = Ipv4Addr::new(239, 7, 0, 1);
+    let mpacket = udp4(g4, group, &[0x33; 1000]);
+    let mframe = eth_frame(Mac::ipv4_multicast(group), GUEST_MAC, 0x0800, &mpacket);
+    let mhead = mframe[..VNET_HDR_LEN_MRG + 256].to_vec();
+    g.to_link.borrow_mut().push_back((mframe, mhead));
+    b.link.poll(&b.host, Duration::ZERO).unwrap();
+    assert_eq!(g.given_back.borrow().len(), 1, "waiting, still lent");
+    assert!(b.link.quiesce_guest(id));
+    assert_eq!(*g.given_back.borrow(), [1, 2], "taken back by copy");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.link.guest(id).unwrap().counters.tx_packets < 3 && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let info = b.link.guest(id).unwrap();
+    assert_eq!(info.counters.tx_packets, 3, "ARP request, two packets");
+    assert_eq!(info.counters.tx_zero_copy, 1, "the second one was copied");
+    assert_eq!(info.counters.tx_errors, 0);
+
+    // The window goes with its mapping; then with the endpoint.
+    b.link.unmap_guest_memory(id).unwrap();
+    assert_eq!(b.dev.report().mappings, mappings);
+    assert!(b.link.remove_guest(id).is_empty());
+    a.finish();
+    b.finish();
+}

@@ -158,9 +158,17 @@ control_group = 1000
 name = "ib1"
 netns = "t1"
 addresses = ["10.0.0.1/24", "fd00::1/64"]
+[[interface.vhost_user]]
+socket = "/run/vm1.sock"
+copy = true
+[[interface.vhost_user]]
+socket = "/run/vm2.sock"
 "#,
         )
         .unwrap();
+        let vms = &c.interface[0].vhost_user;
+        assert!(vms[0].spec("ib1").unwrap().copy);
+        assert!(!vms[1].spec("ib1").unwrap().copy, "zero copy by default");
         assert_eq!(c.device.as_deref(), Some("sim"));
         assert_eq!(c.control_group, Some(1000));
         assert_eq!(c.interface[0].name.as_deref(), Some("ib1"));

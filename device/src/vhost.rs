@@ -124,7 +124,7 @@ pub const LEND_MIN: usize = 512;
 /// Ethernet, IP (with options) and TCP (with options) headers fit.
 pub const LEND_HEAD: usize = 256;
 /// Descriptors a lent frame may have.
-const MAX_LEND_DESCS: usize = 16;
+const MAX_LEND_DESCS: usize = 20;
 
 /// What one vNIC's queues saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -1553,6 +1553,128 @@ mod tests {
         assert_eq!(r.counters().tx_frames, 2);
     }
 
+    /// A TX frame of `len` bytes after the virtio-net header: Ethernet,
+    /// IPv4 with protocol `proto`, then a byte pattern.
+    fn ip_frame(len: usize, proto: u8) -> Vec<u8> {
+        let mut f = vec![0u8; HDR_LEN];
+        f.extend((0..len).map(|k| (k * 7 + 3) as u8));
+        let e = HDR_LEN;
+        f[e + 12..e + 14].copy_from_slice(&[0x08, 0x00]);
+        f[e + 14] = 0x45;
+        f[e + 14 + 9] = proto;
+        f
+    }
+
+    #[test]
+    fn large_tcp_and_udp_frames_are_lent_until_given_back() {
+        let mut r = Rig::new(feature::VERSION_1);
+        let port = r.port();
+        // The window as Link::map_guest_memory would report it.
+        lock(&r.device).window = Some(Window {
+            key: 0x0012_345A,
+            regions: vec![
+                (LOW.0, LOW.1 as u64, Iova(0x10_0000)),
+                (HIGH.0, HIGH.1 as u64, Iova(0x20_0000)),
+            ],
+        });
+        let mut buf = vec![0u8; HOST_BUF_FOR_TESTS];
+
+        // 1500 bytes of TCP in three descriptors: 100 bytes, then two in the
+        // high region.
+        let f = ip_frame(1500, 6);
+        r.mem.write_slice(&f[..100], GuestAddress(0x8000)).unwrap();
+        r.mem
+            .write_slice(&f[100..1000], GuestAddress(0x2_1000))
+            .unwrap();
+        r.mem
+            .write_slice(&f[1000..], GuestAddress(0x2_8000))
+            .unwrap();
+        r.desc(TXQ, 0, 0x8000, 100, NEXT, 1);
+        r.desc(TXQ, 1, 0x2_1000, 900, NEXT, 2);
+        r.desc(TXQ, 2, 0x2_8000, (f.len() - 1000) as u32, 0, 0);
+        r.offer(TXQ, 0);
+        let Received::Lent(l) = port.recv_lent(&mut buf).unwrap() else {
+            panic!("a large TCP frame is lent");
+        };
+        let head = HDR_LEN + LEND_HEAD;
+        assert_eq!((l.head, l.len, l.token), (head, f.len(), 0));
+        assert_eq!(&buf[..head], &f[..head], "the head is copied");
+        // The rest: the second descriptor from where the head ended, then
+        // the third, at their IOVAs in the window.
+        let past = (head - 100) as u64;
+        assert_eq!(l.n, 2);
+        assert_eq!(
+            (l.sges[0].addr, l.sges[0].len, l.sges[0].lkey),
+            (0x20_0000 + 0x1000 + past, 900 - past as u32, 0x0012_345A)
+        );
+        assert_eq!(
+            (l.sges[1].addr, l.sges[1].len),
+            (0x20_0000 + 0x8000, (f.len() - 1000) as u32)
+        );
+        assert_eq!(r.used_idx(TXQ), 0, "the guest's buffer stays lent");
+
+        // A small UDP frame and an ICMP one are copied and used at once.
+        let small = ip_frame(LEND_MIN - 1, 17);
+        r.mem.write_slice(&small, GuestAddress(0x9000)).unwrap();
+        r.desc(TXQ, 3, 0x9000, small.len() as u32, 0, 0);
+        r.offer(TXQ, 3);
+        assert_eq!(
+            port.recv_lent(&mut buf).unwrap(),
+            Received::Copied(small.len())
+        );
+        let icmp = ip_frame(1500, 1);
+        r.mem.write_slice(&icmp, GuestAddress(0xA000)).unwrap();
+        r.desc(TXQ, 4, 0xA000, icmp.len() as u32, 0, 0);
+        r.offer(TXQ, 4);
+        assert_eq!(
+            port.recv_lent(&mut buf).unwrap(),
+            Received::Copied(icmp.len())
+        );
+        assert_eq!(r.used_idx(TXQ), 2);
+        assert_eq!((r.used(TXQ, 0).0, r.used(TXQ, 1).0), (3, 4));
+
+        // A large UDP frame whose tail crosses the low region's end into
+        // the hole is not lent, and the copy refuses it.
+        let udp = ip_frame(1500, 17);
+        let at = LOW.1 as u64 - 1000;
+        r.mem.write_slice(&udp[..1000], GuestAddress(at)).unwrap();
+        r.desc(TXQ, 5, at, udp.len() as u32, 0, 0);
+        r.offer(TXQ, 5);
+        assert_eq!(
+            port.recv_lent(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert_eq!(r.counters().tx_bad_chains, 1);
+        assert_eq!(r.used_idx(TXQ), 3);
+
+        // Taking the lent frame back copies its rest and uses the chain.
+        let mut rest = vec![0u8; f.len() - head];
+        assert!(port.copy_back(0, head, &mut rest));
+        assert_eq!(&rest[..], &f[head..]);
+        assert_eq!(r.used_idx(TXQ), 4);
+        assert_eq!(r.used(TXQ, 3), (0, 0));
+        // Given back twice, or a token never lent: nothing happens.
+        port.give_back(0);
+        port.give_back(9);
+        assert_eq!(r.used_idx(TXQ), 4);
+        assert_eq!(r.counters().tx_lent, 1);
+
+        // Lent again, and given back when "the send completes".
+        r.offer(TXQ, 0);
+        assert!(matches!(
+            port.recv_lent(&mut buf).unwrap(),
+            Received::Lent(_)
+        ));
+        port.give_back(0);
+        assert_eq!(r.used_idx(TXQ), 5);
+
+        // Without a window (copy mode) nothing is lent.
+        lock(&r.device).window = None;
+        r.offer(TXQ, 0);
+        assert_eq!(port.recv_lent(&mut buf).unwrap(), Received::Copied(f.len()));
+        assert_eq!(&buf[..f.len()], &f[..]);
+    }
+
     #[test]
     fn legacy_header_is_widened() {
         let mut r = Rig::new(0);
@@ -1689,6 +1811,8 @@ mod tests {
         assert_eq!(s.socket, PathBuf::from("/run/vm1.sock"));
         assert_eq!(s.mac, Some(Mac([0x52, 0x54, 0, 0, 0, 9])));
         assert_eq!(s.addresses, ["10.0.0.9".parse::<IpAddr>().unwrap()]);
+        assert!(!s.copy, "zero copy unless asked");
+        assert!(VhostSpec::parse("ib0=/x,copy").unwrap().copy);
         for bad in [
             "ib0",
             "=/x",
@@ -1697,6 +1821,7 @@ mod tests {
             "ib0=/x,mac=zz",
             "ib0=/x,ip=nope",
             "ib0=/x,colour=red",
+            "ib0=/x,copy=yes",
         ] {
             assert!(VhostSpec::parse(bad).is_err(), "{bad}");
         }

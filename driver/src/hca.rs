@@ -36,8 +36,8 @@ use crate::pages::PagePool;
 use crate::queues::eq::{EqRing, SPARE_EQES};
 use crate::regs;
 use crate::transport::{
-    DmaBuffer, DmaMem, Iova, IovaSpace, PciIds, Transport, TransportError, dma_rmb, host_page_size, pci,
-    read_pci_ids, wait_eventfd,
+    DmaBuffer, DmaMem, Iova, IovaSpace, PciIds, Transport, TransportError, dma_rmb, host_page_size,
+    pci, read_pci_ids, wait_eventfd,
 };
 
 /// How command completions are detected once the EQ exists.
@@ -1126,14 +1126,16 @@ impl<T: Transport> Hca<T> {
         let mut len = 0u64;
         for p in pieces {
             let n = p.len() as u64;
-            if n == 0 || n % page != 0 || (p.host_ptr() as u64) % page != 0 {
+            if n == 0 || !n.is_multiple_of(page) || !(p.host_ptr() as u64).is_multiple_of(page) {
                 return Err(TransportError::BadMapping {
                     iova: Iova(len),
                     len: n,
                     why: "foreign memory must be whole, page-aligned pages",
                 });
             }
-            len = len.checked_add(n).ok_or(TransportError::IovaExhausted(u64::MAX))?;
+            len = len
+                .checked_add(n)
+                .ok_or(TransportError::IovaExhausted(u64::MAX))?;
         }
         let base = self.space.alloc(len.max(page))?;
         let mut w = ForeignWindow {
