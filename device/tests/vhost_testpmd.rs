@@ -242,6 +242,44 @@ fn testpmd_frontend_exchanges_frames_with_a_remote_host_and_restarts() {
         "no more arrived ({udp}) than were sent ({taken})"
     );
     assert!(a_delivered >= udp);
+    assert_eq!(counter(&v.counters, "guest_tx_lent"), 0, "64 bytes: copied");
+
+    // Zero copy: 1000-byte datagrams are lent, the HCA sending them from
+    // testpmd's memory (mapped at the vNIC's window), and still reach
+    // host a's kernel.
+    let udp_before = udp_no_ports(&na);
+    let (taken_before, sent_before) = (taken, counter(&v.counters, "tx_packets"));
+    let tx = testpmd(
+        &vm_sock,
+        "txonly",
+        &[
+            "--txpkts=1000",
+            "--eth-peer=0,ff:ff:ff:ff:ff:ff",
+            "--tx-ip=198.18.0.1,198.18.0.2",
+        ],
+    );
+    wait_connected(&b, true);
+    assert!(vm(&b).zero_copy, "testpmd's memory is mapped for the HCA");
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, sent) = stop_testpmd(tx);
+    wait_connected(&b, false);
+    std::thread::sleep(Duration::from_millis(500));
+    let v = vm(&b);
+    assert!(!v.zero_copy, "the window went with the frontend");
+    let taken = counter(&v.counters, "guest_tx_frames") - taken_before;
+    let lent = counter(&v.counters, "guest_tx_lent");
+    let nonzero: Vec<_> = v.counters.iter().filter(|c| c.value > 0).collect();
+    assert!(
+        taken <= sent && taken + RING >= sent,
+        "backend took {taken} of the {sent} frames testpmd sent"
+    );
+    assert_eq!(lent, taken, "every 1000-byte frame was lent: {nonzero:?}");
+    assert_eq!(counter(&v.counters, "tx_zero_copy"), lent, "{nonzero:?}");
+    assert_eq!(counter(&v.counters, "tx_packets") - sent_before, taken);
+    assert_eq!(counter(&v.counters, "tx_errors"), 0, "{nonzero:?}");
+    let udp = udp_no_ports(&na) - udp_before;
+    assert!(udp > 1000, "host a got {udp} of the guest's datagrams");
+    assert!(udp <= taken);
 
     assert!(a.stop(), "host a stopped cleanly");
     assert!(
