@@ -2,7 +2,9 @@
 //! attached to the vhost-user backend: from inside the guest, IPv4 and
 //! IPv6 pings to a host on the other side of the simulated fabric (ARP and
 //! ND resolved through the Ethernet ⇄ IPoIB translation), a ping that
-//! fragments over the 2044-byte MTU, and a 1 MB TCP download. The guest
+//! fragments over the 2044-byte MTU, a 1 MB TCP download, and a 1 MB
+//! upload (host a fetches it from the guest; the guest's frames are sent
+//! by the HCA from guest memory, zero-copy). The guest
 //! is prepared by `cargo xtask test` (QEMU 7.2, a Debian kernel, a
 //! busybox initramfs; see xtask/src/qemu.rs) and found through
 //! `IPOIB_QEMU_GUEST`. Root only.
@@ -41,6 +43,18 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
     std::fs::create_dir_all(dir.join("www")).unwrap();
     let blob: Vec<u8> = (0..BLOB).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(dir.join("www/blob"), &blob).unwrap();
+    // A CGI on host a fetches the guest's file back and says how much came.
+    std::fs::create_dir_all(dir.join("www/cgi-bin")).unwrap();
+    let fetch = dir.join("www/cgi-bin/fetch");
+    std::fs::write(
+        &fetch,
+        "#!/bin/sh\n\
+         n=$(/bin/busybox wget -q -O - \"http://$REMOTE_ADDR:8001/blob\" | wc -c)\n\
+         printf 'Content-Type: text/plain\\r\\n\\r\\nfetched=%s\\n' \"$n\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fetch, std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = dir.join("fabric.sock");
     let fabric = Arc::new(Fabric::new(FabricConfig::default()).unwrap());
     let listener = UnixListener::bind(&socket).unwrap();
@@ -106,6 +120,14 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
         v.counters
     );
     assert!(get("guest_rx_frames") > 2 * BLOB as u64 / 2044);
+    // The uploads' data frames were lent and sent from guest memory.
+    assert!(
+        get("guest_tx_lent") > BLOB as u64 / 65536,
+        "{:?}",
+        v.counters
+    );
+    assert_eq!(get("tx_zero_copy"), get("guest_tx_lent"));
+    assert_eq!(get("tx_errors"), 0);
     assert_eq!(get("guest_tx_bad_chains"), 0);
     assert_eq!(get("drop_spoofed_mac") + get("drop_spoofed_ip"), 0);
 
@@ -130,6 +152,7 @@ fn boot(g: &std::path::Path, vm_sock: &std::path::Path, mac: &str) -> String {
             "ipoib.peer4=198.19.0.2",
             "ipoib.peer6=fd00:56::2",
             "ipoib.url=http://198.19.0.2:8000/blob",
+            "ipoib.fetch=http://198.19.0.2:8000/cgi-bin/fetch",
         ])
         .stdin(Stdio::null())
         .output()
@@ -153,5 +176,9 @@ fn check_console(console: &str) {
     assert!(
         console.contains(&format!("GUEST-TCP bytes={BLOB}")),
         "the whole file over TCP:\n{console}"
+    );
+    assert!(
+        console.contains("GUEST-UPLOAD fetched=1000000"),
+        "the guest's file over TCP:\n{console}"
     );
 }

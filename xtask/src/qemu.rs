@@ -2,8 +2,9 @@
 //! system (installing `qemu-system-x86` would remove the newer
 //! `qemu-utils` some machines carry), a Debian kernel, and a busybox
 //! initramfs whose init brings eth0 up with the addresses given on the
-//! kernel command line, pings the peers, fetches a file over TCP, prints
-//! the results on the serial console and powers off.
+//! kernel command line, pings the peers, fetches a file over TCP, has a
+//! peer fetch one from it, prints the results on the serial console and
+//! powers off.
 //!
 //! Everything lands in `target/qemu-guest/`; a complete directory is kept.
 
@@ -19,7 +20,9 @@ pub fn dir(root: &Path) -> PathBuf {
 
 /// The guest's init: its settings come from the kernel command line
 /// (`ipoib.ip4=`, `ipoib.ip6=`, `ipoib.peer4=`, `ipoib.peer6=`,
-/// `ipoib.url=`).
+/// `ipoib.url=`, and `ipoib.fetch=`: a URL on a peer that fetches
+/// `http://GUEST:8001/blob`, 1 MB the guest serves, and answers how many
+/// bytes it got).
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
@@ -42,6 +45,11 @@ if ping -c 3 -W 3 "$CFG_peer4" > /tmp/p4; then echo "GUEST-PING4-OK"; else echo 
 if ping -6 -c 3 -W 3 "$CFG_peer6" > /tmp/p6; then echo "GUEST-PING6-OK"; else echo "GUEST-PING6-FAILED"; cat /tmp/p6; fi
 if ping -c 2 -s 3000 -W 3 "$CFG_peer4" > /tmp/pf; then echo "GUEST-PING-FRAG-OK"; else echo "GUEST-PING-FRAG-FAILED"; fi
 echo "GUEST-TCP bytes=$(wget -q -O - "$CFG_url" | wc -c)"
+if [ -n "$CFG_fetch" ]; then
+  mkdir -p /www && dd if=/dev/zero of=/www/blob bs=1000 count=1000 2>/dev/null
+  httpd -p 8001 -h /www
+  echo "GUEST-UPLOAD $(wget -q -O - "$CFG_fetch")"
+fi
 echo "GUEST-STATS tx=$(cat /sys/class/net/eth0/statistics/tx_packets) rx=$(cat /sys/class/net/eth0/statistics/rx_packets)"
 echo "GUEST-DONE"
 poweroff -f
@@ -70,7 +78,9 @@ touch ready
 /// Prepares the guest unless a complete one is there.
 pub fn prepare(root: &Path) -> Result<PathBuf, String> {
     let dir = dir(root);
-    if dir.join("ready").is_file() {
+    // A guest prepared with another init is prepared again.
+    let same_init = std::fs::read_to_string(dir.join("init")).is_ok_and(|i| i == INIT);
+    if dir.join("ready").is_file() && same_init {
         write_boot(&dir)?;
         return Ok(dir);
     }
