@@ -315,11 +315,17 @@ pub fn run(target: &Path, guest: &Path) -> Result<(), String> {
         )?;
     }
     println!("==> a VM on host b: QEMU (TCG) with a virtio-net NIC on b's vhost-user socket");
-    println!("    it pings host a (IPv4, IPv6, fragmented) and downloads 1 MB from it over TCP");
+    println!(
+        "    it pings host a (IPv4, IPv6, fragmented), downloads 1 MB from it over TCP, and host a"
+    );
+    println!("    fetches 1 MB from it (sent by the HCA straight from the VM's memory)");
     let www = dir.join("www");
     std::fs::create_dir_all(&www).map_err(|e| e.to_string())?;
     let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(www.join("blob"), blob).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(www.join("cgi-bin")).map_err(|e| e.to_string())?;
+    std::fs::copy(guest.join("fetch.cgi"), www.join("cgi-bin/fetch"))
+        .map_err(|e| format!("fetch.cgi: {e}"))?;
     let mut httpd = in_ns(a, &["busybox", "httpd", "-f", "-p", "8000", "-h"])
         .arg(&www)
         .stdout(Stdio::null())
@@ -333,7 +339,8 @@ pub fn run(target: &Path, guest: &Path) -> Result<(), String> {
         guest,
         &vm_sock,
         "ipoib.ip4=10.55.0.9/24 ipoib.ip6=fd00:55::9/64 ipoib.peer4=10.55.0.1 \
-         ipoib.peer6=fd00:55::1 ipoib.url=http://10.55.0.1:8000/blob",
+         ipoib.peer6=fd00:55::1 ipoib.url=http://10.55.0.1:8000/blob \
+         ipoib.fetch=http://10.55.0.1:8000/cgi-bin/fetch",
     )
     .stdin(Stdio::null())
     .output();
@@ -359,6 +366,7 @@ pub fn run(target: &Path, guest: &Path) -> Result<(), String> {
         "GUEST-PING6-OK",
         "GUEST-PING-FRAG-OK",
         "GUEST-TCP bytes=1000000",
+        "GUEST-UPLOAD fetched=1000000",
     ]
     .iter()
     .all(|w| console.contains(w));
@@ -371,7 +379,7 @@ pub fn run(target: &Path, guest: &Path) -> Result<(), String> {
     println!(
         "  VM on host b:       {}",
         if vm_ok {
-            "pinged host a over IPv4 and IPv6 and fetched 1 MB over TCP"
+            "pinged host a over IPv4 and IPv6, fetched 1 MB from it and served it 1 MB over TCP"
         } else {
             "FAILED (see the guest's lines above)"
         }

@@ -154,11 +154,22 @@ exec "$d/pkg/usr/bin/qemu-system-x86_64" \
 /// was prepared).
 fn write_boot(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("boot");
-    std::fs::write(&path, BOOT).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    for (name, text) in [("boot", BOOT), ("fetch.cgi", FETCH_CGI)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
+
+/// `fetch.cgi`, written into the guest directory: a CGI for the peer's
+/// busybox httpd (as `cgi-bin/fetch`, the guest's `ipoib.fetch=`) that
+/// fetches the guest's 1 MB and answers `fetched=BYTES`.
+const FETCH_CGI: &str = r#"#!/bin/sh
+n=$(/bin/busybox wget -q -O - "http://$REMOTE_ADDR:8001/blob" | wc -c)
+printf 'Content-Type: text/plain\r\n\r\nfetched=%s\n' "$n"
+"#;
 
 /// The guest in `dir` booting with its NIC on `vm_sock`; `append` adds
 /// to the kernel command line.

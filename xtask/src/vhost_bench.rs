@@ -4,7 +4,8 @@
 //! (a) DPDK's own vhost-user backend (`net_vhost`, rxonly): the baseline;
 //! (b) the ipoib-vfio backend on a software HCA that completes its sends
 //!     without carrying them (`--sim-fault tx-sink=on`): the backend's and
-//!     the driver's own cost;
+//!     the driver's own cost, zero-copy (the default: frames of 512 bytes
+//!     and more are sent from the VM's memory) and in copy mode (`,copy`);
 //! (c) the ipoib-vfio backend end to end: across the simulated fabric to a
 //!     second host, counted where that host's HCA receives them.
 
@@ -156,13 +157,17 @@ fn counter(tool: &Path, control: &Path, vm: bool, name: &str) -> Result<u64, Str
 
 /// (b) or (c): testpmd into the ipoib-vfio backend of host b; the rate
 /// counted by `count` (host b's sends, or host a's receives) over `SEND`.
-fn ours(target: &Path, dir: &Path, size: usize, sink: bool) -> Result<f64, String> {
+fn ours(target: &Path, dir: &Path, size: usize, sink: bool, copy: bool) -> Result<f64, String> {
     let pid = std::process::id();
-    let tag = if sink { "sink" } else { "e2e" };
+    let tag = match (sink, copy) {
+        (true, false) => "sink",
+        (true, true) => "sinkc",
+        (false, _) => "e2e",
+    };
     let mut scene = Scene::new(dir.join(format!("{tag}-{size}")))?;
     let socket = start_fabric(&mut scene, target, false)?;
     let vm = scene.dir.join("vm.sock");
-    let spec = format!("ib0={}", vm.display());
+    let spec = format!("ib0={}{}", vm.display(), if copy { ",copy" } else { "" });
     let mut names = Vec::new();
     for (host, addr) in [("a", "198.18.0.2/24"), ("b", "198.18.0.3/24")] {
         let ns = scene.netns(&format!("ipoib-vb-{tag}-{host}-{pid}"))?;
@@ -204,7 +209,7 @@ fn ours(target: &Path, dir: &Path, size: usize, sink: bool) -> Result<f64, Strin
     Ok((after - before) as f64 / secs)
 }
 
-/// Runs the three measurements at both sizes; returns Markdown rows.
+/// Runs the measurements at both sizes; returns Markdown rows.
 pub fn run(target: &Path) -> Result<Vec<String>, String> {
     let dir = std::env::temp_dir().join(format!("ipoib-bench-vhost-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -216,14 +221,18 @@ pub fn run(target: &Path) -> Result<Vec<String>, String> {
         println!(
             "==> {size}-byte frames: ipoib-vfio backend, HCA completing sends without carrying them"
         );
-        let sink = ours(target, &dir, size, true)?;
-        println!("    {sink:.0} pps");
+        let zc = ours(target, &dir, size, true, false)?;
+        println!("    zero-copy {zc:.0} pps");
+        let copy = ours(target, &dir, size, true, true)?;
+        println!("    copy      {copy:.0} pps");
         println!("==> {size}-byte frames: ipoib-vfio backend across the simulated fabric");
-        let e2e = ours(target, &dir, size, false)?;
+        let e2e = ours(target, &dir, size, false, false)?;
         println!("    {e2e:.0} pps");
+        let r = |x: f64| x / dpdk.max(1.0);
         rows.push(format!(
-            "| {size} | {dpdk:.0} | {sink:.0} | {:.4} | {e2e:.0} |",
-            sink / dpdk.max(1.0)
+            "| {size} | {dpdk:.0} | {zc:.0} | {:.3} | {copy:.0} | {:.3} | {e2e:.0} |",
+            r(zc),
+            r(copy)
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
