@@ -265,8 +265,9 @@ pub struct Device {
     dma: Vec<DmaMem>,
     table: u64,
     window: Option<Window>,
-    /// Transmit chains lent to the HCA, by head index.
+    /// Transmit chains lent to the HCA, by head index, and how many.
     lent: Vec<Option<LentChain>>,
+    lent_out: usize,
     vqs: [Vq; 2],
     connected: bool,
     counters: QueueCounters,
@@ -287,6 +288,7 @@ impl Device {
             table: 0,
             window: None,
             lent: vec![None; MAX_QUEUE_SIZE],
+            lent_out: 0,
             vqs: [Vq::new()?, Vq::new()?],
             connected: false,
             counters: QueueCounters::default(),
@@ -320,6 +322,7 @@ impl Device {
         self.table += 1;
         self.window = None;
         self.lent.fill(None);
+        self.lent_out = 0;
         for vq in &mut self.vqs {
             vq.queue.reset();
             vq.kick = None;
@@ -371,7 +374,6 @@ impl Device {
     /// module documentation) is lent instead of copied whole.
     fn pop_tx(&mut self, buf: &mut [u8], lend: bool) -> io::Result<Received> {
         let hdr = self.header_len();
-        let event_idx = self.acked & feature::EVENT_IDX != 0;
         let Some(mem) = self.mem.as_ref() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
@@ -380,10 +382,20 @@ impl Device {
         if !vq.runs() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
+        let mut rearmed = false;
         loop {
             let Some(chain) = vq.queue.pop_descriptor_chain(mem) else {
-                // Re-arm; frames that came meanwhile are taken now.
-                if event_idx && vq.queue.enable_notification(mem).unwrap_or(false) {
+                // While the HCA holds lent frames their completions bring
+                // the next look at the ring: no kick per frame is asked
+                // for (it would wake the loop for every frame the guest
+                // adds as buffers trickle back). Otherwise re-arm; frames
+                // that came meanwhile are taken now.
+                if self.lent_out > 0 {
+                    let _ = vq.queue.disable_notification(mem);
+                } else if !rearmed && vq.queue.enable_notification(mem).unwrap_or(false) {
+                    // Once: an avail index the ring cannot hold would
+                    // say "more" for ever.
+                    rearmed = true;
                     continue;
                 }
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -395,6 +407,7 @@ impl Device {
                 && let Some((lent, descs)) = lend_chain(chain.clone(), mem, buf, w)
             {
                 *slot = Some(descs);
+                self.lent_out += 1;
                 self.counters.tx_frames += 1;
                 self.counters.tx_lent += 1;
                 return Ok(Received::Lent(lent));
@@ -423,9 +436,11 @@ impl Device {
         let Some(slot) = self.lent.get_mut(usize::from(head)) else {
             return;
         };
-        if slot.take().is_some()
-            && let Some(mem) = self.mem.as_ref()
-        {
+        if slot.take().is_none() {
+            return;
+        }
+        self.lent_out = self.lent_out.saturating_sub(1);
+        if let Some(mem) = self.mem.as_ref() {
             let vq = &mut self.vqs[TXQ];
             let _ = vq.queue.add_used(mem, head, 0);
             vq.unsignalled = true;
@@ -878,6 +893,7 @@ fn lend_chain(
     buf: &mut [u8],
     w: &Window,
 ) -> Option<(Lent, LentChain)> {
+    let token = chain.head_index();
     let mut c = LentChain {
         descs: [(GuestAddress(0), 0); MAX_LEND_DESCS],
         n: 0,
@@ -900,7 +916,7 @@ fn lend_chain(
     let mut lent = Lent {
         head,
         len: total,
-        token: 0,
+        token,
         sges: [Sge {
             addr: 0,
             len: 0,
@@ -1589,15 +1605,19 @@ mod tests {
         r.mem
             .write_slice(&f[1000..], GuestAddress(0x2_8000))
             .unwrap();
-        r.desc(TXQ, 0, 0x8000, 100, NEXT, 1);
-        r.desc(TXQ, 1, 0x2_1000, 900, NEXT, 2);
-        r.desc(TXQ, 2, 0x2_8000, (f.len() - 1000) as u32, 0, 0);
-        r.offer(TXQ, 0);
+        r.desc(TXQ, 12, 0x8000, 100, NEXT, 13);
+        r.desc(TXQ, 13, 0x2_1000, 900, NEXT, 14);
+        r.desc(TXQ, 14, 0x2_8000, (f.len() - 1000) as u32, 0, 0);
+        r.offer(TXQ, 12);
         let Received::Lent(l) = port.recv_lent(&mut buf).unwrap() else {
             panic!("a large TCP frame is lent");
         };
         let head = HDR_LEN + LEND_HEAD;
-        assert_eq!((l.head, l.len, l.token), (head, f.len(), 0));
+        assert_eq!(
+            (l.head, l.len, l.token),
+            (head, f.len(), 12),
+            "named by its head"
+        );
         assert_eq!(&buf[..head], &f[..head], "the head is copied");
         // The rest: the second descriptor from where the head ended, then
         // the third, at their IOVAs in the window.
@@ -1649,28 +1669,32 @@ mod tests {
 
         // Taking the lent frame back copies its rest and uses the chain.
         let mut rest = vec![0u8; f.len() - head];
-        assert!(port.copy_back(0, head, &mut rest));
+        assert!(port.copy_back(12, head, &mut rest));
         assert_eq!(&rest[..], &f[head..]);
         assert_eq!(r.used_idx(TXQ), 4);
-        assert_eq!(r.used(TXQ, 3), (0, 0));
+        assert_eq!(r.used(TXQ, 3), (12, 0));
         // Given back twice, or a token never lent: nothing happens.
-        port.give_back(0);
+        port.give_back(12);
         port.give_back(9);
+        port.give_back(u16::MAX);
         assert_eq!(r.used_idx(TXQ), 4);
         assert_eq!(r.counters().tx_lent, 1);
 
         // Lent again, and given back when "the send completes".
-        r.offer(TXQ, 0);
+        r.offer(TXQ, 12);
         assert!(matches!(
             port.recv_lent(&mut buf).unwrap(),
             Received::Lent(_)
         ));
-        port.give_back(0);
+        assert_eq!(lock(&r.device).lent_out, 1);
+        port.give_back(12);
         assert_eq!(r.used_idx(TXQ), 5);
+        assert_eq!(r.used(TXQ, 4), (12, 0));
+        assert_eq!(lock(&r.device).lent_out, 0);
 
         // Without a window (copy mode) nothing is lent.
         lock(&r.device).window = None;
-        r.offer(TXQ, 0);
+        r.offer(TXQ, 12);
         assert_eq!(port.recv_lent(&mut buf).unwrap(), Received::Copied(f.len()));
         assert_eq!(&buf[..f.len()], &f[..]);
     }
