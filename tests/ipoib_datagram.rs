@@ -576,6 +576,23 @@ fn two_guests_on_one_interface_and_a_multicast_listener() {
     assert_eq!(&last[14..14 + m.len()], &m[..]);
     run(&mut [&mut a, &mut b], Duration::from_millis(50));
     assert_eq!(frames(&q1).len(), n1, "guest 1 did not join the group");
+
+    // Guest 2 leaves (IGMPv2 Leave Group, to all-routers): its QP is
+    // detached and host a's next packet to the group no longer reaches it.
+    let mut leave = vec![0x46, 0, 0, 32, 0, 0, 0x40, 0, 1, 2, 0, 0];
+    leave.extend_from_slice(&g2.octets());
+    leave.extend_from_slice(&[224, 0, 0, 2]);
+    leave.extend_from_slice(&[0x94, 0x04, 0, 0, 0x17, 0, 0, 0]);
+    leave.extend_from_slice(&group.octets());
+    let routers = Mac([0x01, 0x00, 0x5e, 0x00, 0x00, 0x02]);
+    q2.to_link
+        .borrow_mut()
+        .push_back(eth_frame(routers, m2, 0x0800, &leave));
+    run(&mut [&mut a, &mut b], Duration::from_millis(300));
+    let n2 = frames(&q2).len();
+    a.send_ip(&m);
+    run(&mut [&mut a, &mut b], Duration::from_millis(300));
+    assert_eq!(frames(&q2).len(), n2, "guest 2 left the group");
     assert!(b.link.remove_guest(id1).is_empty());
     assert!(b.link.remove_guest(id2).is_empty());
     a.finish();

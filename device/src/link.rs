@@ -34,7 +34,7 @@ use mlx5_driver::verbs::{Cq, Qp, QpConfig, TxOffload};
 
 use crate::engine::addr::HwAddr;
 use crate::engine::datagram::{self, Action, Datagram, Dest, Payload, Source};
-use crate::engine::eth::{self as eth, GuestRx, GuestTx, Mac, Sender, Translator};
+use crate::engine::eth::{self as eth, GuestRx, GuestTx, Listen, Mac, Sender, Translator};
 use crate::engine::{self, mgid};
 use crate::vnet::{self, TxPlan, VnetHdr};
 
@@ -733,14 +733,52 @@ impl<T: Transport> Link<T> {
     }
 
     fn release_memberships(&mut self, id: EndpointId) {
-        let mut leave = Vec::new();
-        for (g, m) in self.joined.iter_mut() {
-            m.users.retain(|u| *u != id);
-            if m.users.is_empty() {
-                leave.push((*g, m.state));
+        let groups: Vec<[u8; 16]> = self
+            .joined
+            .iter()
+            .filter(|(_, m)| m.users.contains(&id))
+            .map(|(g, _)| *g)
+            .collect();
+        for g in groups {
+            self.leave_group(id, g);
+        }
+    }
+
+    /// Endpoint `id` is no longer in group `g`: its QP is detached, a
+    /// join still on its way no longer applies, and the port leaves at
+    /// the SA when no other endpoint uses the group.
+    fn leave_group(&mut self, id: EndpointId, g: [u8; 16]) {
+        let mut pending = None;
+        self.sa_pending.retain(|_, (e, op)| match op {
+            SaOp::Join { mgid, state, .. } if *e == id && *mgid == g => {
+                pending = Some(*state);
+                false
+            }
+            _ => true,
+        });
+        // The SA takes requests in order: a join answered after we stopped
+        // waiting is undone by a leave sent after it.
+        if let Some(state) = pending
+            && !self.joined.contains_key(&g)
+        {
+            let _ = self.sa(sa::mc_leave(g, self.gid, state));
+        }
+        if let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut)
+            && let Some(at) = ep.attached.iter().position(|a| *a == g)
+        {
+            ep.attached.swap_remove(at);
+            if let Some(qp) = ep.qp.as_ref()
+                && let Err(e) = qp.detach(&mut self.hca, g)
+            {
+                tracing::warn!("detaching from a multicast group: {e}");
             }
         }
-        for (g, state) in leave {
+        let Some(m) = self.joined.get_mut(&g) else {
+            return;
+        };
+        m.users.retain(|u| *u != id);
+        if m.users.is_empty() {
+            let state = m.state;
             self.joined.remove(&g);
             let _ = self.sa(sa::mc_leave(g, self.gid, state));
         }
@@ -1205,6 +1243,7 @@ impl<T: Transport> Link<T> {
                     Action::Dropped(None, _) => {}
                     Action::QueryPath(dgid) => self.query_path(id, dgid),
                     Action::Join { mgid, send_only } => self.join(id, mgid, send_only, now),
+                    Action::Leave(mgid) => self.leave_group(id, mgid),
                 }
             }
         }
@@ -1219,9 +1258,13 @@ impl<T: Transport> Link<T> {
                     let (v4, v6) = split_families(g.tr.addresses());
                     ep.engine.set_addresses(v4, v6, &mut ep.out);
                 }
-                // Groups the guest reported listening to are joined fully.
-                for group in g.tr.take_listens() {
-                    ep.engine.listen(group, &mut ep.out);
+                // Groups the guest reported listening to are joined fully;
+                // those it left are left.
+                for l in g.tr.take_listens() {
+                    match l {
+                        Listen::Join(group) => ep.engine.listen(group, &mut ep.out),
+                        Listen::Leave(group) => ep.engine.unlisten(group, &mut ep.out),
+                    }
                 }
                 if !ep.out.is_empty() {
                     self.run_actions(id, host);

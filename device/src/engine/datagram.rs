@@ -195,6 +195,9 @@ pub enum Action<A, P> {
         /// Send-only full member rather than full member.
         send_only: bool,
     },
+    /// Leave this group (the endpoint is no longer a member: detach its
+    /// QP, and leave at the SA if no one else on the port uses it).
+    Leave(Gid),
     /// The host packet or queued work is dropped and counted.
     Dropped(Option<P>, DropReason),
     /// A received packet was consumed by the interface itself (ARP, ND);
@@ -403,6 +406,39 @@ impl<A: Copy, P> Datagram<A, P> {
                 self.issue_join(g, out);
             }
             Some(_) => {}
+        }
+    }
+
+    /// The host (a guest: an IGMP leave, an MLD done) no longer listens
+    /// to `group`: the membership goes, unless the interface needs the
+    /// group itself (broadcast, all-hosts, all-nodes, the solicited-node
+    /// group of one of its addresses). Packets waiting for the join are
+    /// dropped.
+    pub fn unlisten(&mut self, group: IpAddr, out: &mut Vec<Action<A, P>>) {
+        let Some(g) = mgid::for_ip(group, self.cfg.pkey, self.cfg.scope) else {
+            return;
+        };
+        let for_ip = |ip: IpAddr| mgid::for_ip(ip, self.cfg.pkey, self.cfg.scope);
+        let needed = g == self.broadcast
+            || for_ip(IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1))) == Some(g)
+            || for_ip(IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1))) == Some(g)
+            || self
+                .cfg
+                .ipv6
+                .iter()
+                .any(|a| for_ip(IpAddr::V6(mgid::solicited_node(*a))) == Some(g));
+        if needed {
+            return;
+        }
+        match self.groups.remove(&g) {
+            Some(Group::Joining { queue, .. }) => {
+                for p in queue {
+                    self.drop_payload(p, DropReason::Flushed, out);
+                }
+                out.push(Action::Leave(g));
+            }
+            Some(Group::Joined { .. }) => out.push(Action::Leave(g)),
+            None => {}
         }
     }
 
@@ -1397,6 +1433,53 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_group_left_is_left_but_the_interface_keeps_its_own() {
+        let t = Instant::now();
+        let mut a = host_a();
+        let mut out = Out::new();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let group = mgid::ipv4(Ipv4Addr::new(239, 1, 1, 1), 0xffff, 2);
+        a.listen(ip("239.1.1.1"), &mut out);
+        a.joined(group, 0xc003, &mut out);
+        out.clear();
+        a.unlisten(ip("239.1.1.1"), &mut out);
+        assert_eq!(out, [Action::Leave(group)]);
+        assert!(!a.groups().iter().any(|(g, ..)| *g == group));
+        out.clear();
+        // Leaving twice, or a group never joined: nothing to do.
+        a.unlisten(ip("239.1.1.1"), &mut out);
+        a.unlisten(ip("239.7.7.7"), &mut out);
+        assert!(out.is_empty());
+        // Sending to it again joins it send-only.
+        a.transmit(&ipv4_packet([239, 1, 1, 1]), "p", t, &mut out);
+        assert_eq!(
+            out,
+            [Action::Join {
+                mgid: group,
+                send_only: true
+            }]
+        );
+        out.clear();
+        // A leave while the join is outstanding drops what waits for it.
+        a.unlisten(ip("239.1.1.1"), &mut out);
+        assert_eq!(
+            out,
+            [
+                Action::Dropped(Some("p"), DropReason::Flushed),
+                Action::Leave(group)
+            ]
+        );
+        out.clear();
+        // The groups the interface needs stay whatever the host says.
+        let before = a.groups().len();
+        for g in ["255.255.255.255", "224.0.0.1", "ff02::1", "ff02::1:ff00:a"] {
+            a.unlisten(ip(g), &mut out);
+        }
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(a.groups().len(), before);
     }
 
     #[test]

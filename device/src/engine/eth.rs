@@ -210,6 +210,15 @@ pub enum Target {
     Group(Gid),
 }
 
+/// A guest's word on an IP multicast group (IGMP or MLD snooped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// It listens to the group.
+    Join(IpAddr),
+    /// It left the group.
+    Leave(IpAddr),
+}
+
 /// What to send for a guest frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestTx {
@@ -367,8 +376,9 @@ pub struct Translator {
     addresses_changed: bool,
     remacs: RemacTable,
     sources: HashMap<(u16, u32), HwAddr>,
-    /// Groups the guest reported it listens to (IGMP, MLD), not yet taken.
-    listens: Vec<IpAddr>,
+    /// Groups the guest reported it listens to or left (IGMP, MLD), not
+    /// yet taken.
+    listens: Vec<Listen>,
     drops: [u64; EthDrop::ALL.len()],
 }
 
@@ -444,26 +454,30 @@ impl Translator {
         std::mem::take(&mut self.addresses_changed)
     }
 
-    /// Groups the guest reported (IGMP or MLD) that it listens to since
-    /// the last call: the caller joins them as a full member for it (the
-    /// TUN-side host has no such reports to give; a guest does).
-    pub fn take_listens(&mut self) -> Vec<IpAddr> {
+    /// What the guest reported (IGMP or MLD) since the last call, in
+    /// order: groups it listens to, which the caller joins as a full
+    /// member for it, and groups it left (the TUN-side host has no such
+    /// reports to give; a guest does).
+    pub fn take_listens(&mut self) -> Vec<Listen> {
         std::mem::take(&mut self.listens)
     }
 
-    fn heard(&mut self, group: IpAddr) {
+    fn heard(&mut self, l: Listen) {
+        let (Listen::Join(group) | Listen::Leave(group)) = l;
         let multicast = match group {
             IpAddr::V4(a) => a.is_multicast(),
             IpAddr::V6(a) => a.is_multicast(),
         };
-        if multicast && !self.listens.contains(&group) && self.listens.len() < MAX_PENDING_LISTENS {
-            self.listens.push(group);
+        // Only the latest word on a group counts.
+        self.listens
+            .retain(|p| !matches!(p, Listen::Join(g) | Listen::Leave(g) if *g == group));
+        if multicast && self.listens.len() < MAX_PENDING_LISTENS {
+            self.listens.push(l);
         }
     }
 
-    /// Notes the groups an IGMP report (v1, v2, v3; RFC 1112, 2236, 3376)
-    /// says the guest listens to. Leaves are not followed: membership
-    /// lasts while the endpoint does.
+    /// Notes the groups an IGMP message (v1, v2, v3; RFC 1112, 2236,
+    /// 3376) says the guest listens to or leaves.
     fn snoop_igmp(&mut self, ip: &[u8]) {
         let ihl = usize::from(ip[0] & 0x0f) * 4;
         if ip[9] != PROTO_IGMP || ip.len() < ihl + 8 {
@@ -471,7 +485,9 @@ impl Translator {
         }
         let m = &ip[ihl..];
         match m[0] {
-            0x12 | 0x16 => self.heard(IpAddr::V4(ipv4_at(m, 4))),
+            0x12 | 0x16 => self.heard(Listen::Join(IpAddr::V4(ipv4_at(m, 4)))),
+            // IGMPv2 Leave Group.
+            0x17 => self.heard(Listen::Leave(IpAddr::V4(ipv4_at(m, 4)))),
             0x22 => self.report_records(m, 4),
             _ => {}
         }
@@ -490,7 +506,9 @@ impl Translator {
         }
         let m = &hbh[at..];
         match m[0] {
-            131 if m.len() >= 24 => self.heard(IpAddr::V6(ipv6_at(m, 8))),
+            131 if m.len() >= 24 => self.heard(Listen::Join(IpAddr::V6(ipv6_at(m, 8)))),
+            // MLDv1 Done.
+            132 if m.len() >= 24 => self.heard(Listen::Leave(IpAddr::V6(ipv6_at(m, 8)))),
             143 => self.report_records(m, 16),
             _ => {}
         }
@@ -499,7 +517,8 @@ impl Translator {
     /// Walks the group records of an IGMPv3 or MLDv2 report (`m` from
     /// its type on; addresses of `addr_len` bytes): record type, aux data
     /// length, source count, group, sources, aux data. A group with
-    /// anything but "include nothing" is listened to.
+    /// anything but "include nothing" is listened to; "include nothing"
+    /// (MODE_IS_INCLUDE or CHANGE_TO_INCLUDE with no sources) is a leave.
     fn report_records(&mut self, m: &[u8], addr_len: usize) {
         let n = usize::from(be16(m, 6).unwrap_or(0));
         let mut at = 8;
@@ -511,14 +530,16 @@ impl Translator {
             if at + 4 + addr_len > m.len() {
                 return;
             }
-            if !(matches!(ty, 1 | 3) && ns == 0) {
-                let group = if addr_len == 4 {
-                    IpAddr::V4(ipv4_at(m, at + 4))
-                } else {
-                    IpAddr::V6(ipv6_at(m, at + 4))
-                };
-                self.heard(group);
-            }
+            let group = if addr_len == 4 {
+                IpAddr::V4(ipv4_at(m, at + 4))
+            } else {
+                IpAddr::V6(ipv6_at(m, at + 4))
+            };
+            self.heard(if matches!(ty, 1 | 3) && ns == 0 {
+                Listen::Leave(group)
+            } else {
+                Listen::Join(group)
+            });
             at += 4 + addr_len * (1 + usize::from(ns)) + usize::from(aux) * 4;
         }
     }
@@ -1609,16 +1630,55 @@ mod tests {
             t.from_guest(&frame(to, GUEST_MAC, 0x86dd, &mld), &mut out, now)
                 .is_ok()
         );
-        let want: Vec<IpAddr> = ["224.0.0.251", "239.1.2.3", "ff05::1:3"]
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
-        assert_eq!(t.take_listens(), want);
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            t.take_listens(),
+            [
+                Listen::Join(ip("224.0.0.251")),
+                Listen::Join(ip("239.1.2.3")),
+                Listen::Leave(ip("239.9.9.9")),
+                Listen::Join(ip("ff05::1:3")),
+            ]
+        );
         assert!(t.take_listens().is_empty());
         // A truncated report is no report.
         let cut = &igmp3[..igmp3.len() - 6];
         let _ = t.from_guest(&frame(all_v3, GUEST_MAC, 0x0800, cut), &mut out, now);
         assert_eq!(t.take_listens().len(), 1, "the whole first record only");
+
+        // IGMPv2 Leave Group (RFC 2236 §2: type 0x17) for 224.0.0.251, to
+        // all-routers; after a report in the same batch, the leave wins.
+        let mut leave = vec![0x46, 0, 0, 32, 0, 0, 0x40, 0, 1, 2, 0, 0];
+        leave.extend_from_slice(&[10, 0, 0, 1, 224, 0, 0, 2]);
+        leave.extend_from_slice(&[0x94, 0x04, 0, 0]);
+        leave.extend_from_slice(&[0x17, 0, 0, 0, 224, 0, 0, 251]);
+        let routers = Mac::ipv4_multicast("224.0.0.2".parse().unwrap());
+        assert!(
+            t.from_guest(&frame(mdns, GUEST_MAC, 0x0800, &igmp2), &mut out, now)
+                .is_ok()
+        );
+        assert!(
+            t.from_guest(&frame(routers, GUEST_MAC, 0x0800, &leave), &mut out, now)
+                .is_ok()
+        );
+        assert_eq!(t.take_listens(), [Listen::Leave(ip("224.0.0.251"))]);
+        // MLDv1 Done (RFC 2710 §3: type 132) for ff05::1:3, to ff02::2.
+        let dst: Ipv6Addr = "ff02::2".parse().unwrap();
+        let mut done = vec![0x60, 0, 0, 0, 0, 32, 0, 1];
+        done.extend_from_slice(&src.octets());
+        done.extend_from_slice(&dst.octets());
+        done.extend_from_slice(&[58, 0, 5, 2, 0, 0, 1, 0]);
+        done.extend_from_slice(&[132, 0, 0, 0, 0, 0, 0, 0]);
+        done.extend_from_slice(&"ff05::1:3".parse::<Ipv6Addr>().unwrap().octets());
+        assert!(
+            t.from_guest(
+                &frame(Mac::ipv6_multicast(dst), GUEST_MAC, 0x86dd, &done),
+                &mut out,
+                now
+            )
+            .is_ok()
+        );
+        assert_eq!(t.take_listens(), [Listen::Leave(ip("ff05::1:3"))]);
     }
 
     /// Deterministic xorshift, for the garbage below.
