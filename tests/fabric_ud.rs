@@ -546,3 +546,67 @@ fn bounded_keys_guard_their_window() {
     let (r, _) = b.finish();
     assert!(r.clean(), "{r:?}");
 }
+
+/// Moving a QP with posted receives and an armed CQ to ERR flushes the
+/// WQEs, and the flush raises the CQ's event; the command's own
+/// completion event must still reach the driver (it once found the EQ
+/// disarmed by the CQ's event, whose interrupt the device had not sent,
+/// and the driver saw the completion only at its next health poll). The
+/// health poll here is 30 s: the command completes on its interrupt.
+#[test]
+fn moving_a_qp_to_error_completes_on_its_interrupt() {
+    use mlx5_driver::Hca;
+    use mlx5_driver::verbs::{Cq, Qp, QpConfig};
+    use std::sync::Arc;
+    use std::time::Instant;
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let dev = Arc::new(ipoib_sim::SimHca::new(ipoib_sim::SimConfig {
+        node_guid: 0x0002_c903_0000_5a00,
+        ..ipoib_sim::SimConfig::default()
+    }));
+    dev.connect(&fabric);
+    let cfg = mlx5_driver::HcaConfig {
+        health_interval: Duration::from_secs(30),
+        cmd_timeout: Duration::from_secs(60),
+        ..ipoib_tests::quick_cfg()
+    };
+    let mut hca = Hca::bring_up(dev, cfg).unwrap();
+    let scq = Cq::create(&mut hca, 6).unwrap();
+    let mut rcq = Cq::create(&mut hca, 6).unwrap();
+    let mut qp = Qp::create(&mut hca, &QpConfig::ud(1, 0, QKEY, 5, scq.cqn(), rcq.cqn())).unwrap();
+    qp.activate_datagram(&mut hca).unwrap();
+    let mem = hca.alloc_dma(8 * RX_BUF).unwrap();
+    for i in 0..8 {
+        let sge = Sge {
+            addr: mem.iova_at(i * RX_BUF).0,
+            len: RX_BUF as u32,
+            lkey: hca.lkey(),
+        };
+        qp.post_recv(&[sge]).unwrap();
+    }
+    qp.ring_rq();
+    rcq.arm(hca.transport());
+    let t = Instant::now();
+    qp.to_error(&mut hca).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "2ERR_QP took {:?}",
+        t.elapsed()
+    );
+    let mut buf = [mlx5_driver::layout::cqe::Cqe::parse(&[0xF0u8; 64]); 16];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut flushed = 0;
+    while flushed < 8 && Instant::now() < deadline {
+        let n = rcq.poll(&mut buf);
+        for c in &buf[..n] {
+            assert_eq!(c.error, Some(CqeError::WrFlushed));
+            flushed += 1;
+        }
+    }
+    assert_eq!(flushed, 8, "every posted receive flushed");
+    qp.destroy(&mut hca).unwrap();
+    scq.destroy(&mut hca).unwrap();
+    rcq.destroy(&mut hca).unwrap();
+    hca.free_dma(mem).unwrap();
+    assert!(hca.shutdown().clean());
+}

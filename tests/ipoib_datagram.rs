@@ -339,6 +339,7 @@ fn guest_vnic_talks_to_a_remote_host_through_the_translation() {
                 mac: GUEST_MAC,
                 learn_mac: false,
                 allowed: Vec::new(),
+                zero_copy: false,
             },
             Box::new(Shared(guest.clone())),
         )
@@ -473,6 +474,7 @@ fn guest(b: &mut Host, mac: Mac) -> (usize, Rc<Queues>) {
                 mac,
                 learn_mac: false,
                 allowed: Vec::new(),
+                zero_copy: false,
             },
             Box::new(Shared(q.clone())),
         )
@@ -787,6 +789,7 @@ fn guest_frames_are_sent_from_guest_memory() {
                 mac: GUEST_MAC,
                 learn_mac: false,
                 allowed: vec![g4.into()],
+                zero_copy: true,
             },
             Box::new(LenderPort(g.clone())),
         )

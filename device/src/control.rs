@@ -219,6 +219,7 @@ fn vm_info<T: Transport>(link: &Link<T>, v: &Vnic) -> Option<proto::Vm> {
         ("guest_rx_no_buffers", q.rx_no_buffers),
         ("guest_rx_too_big", q.rx_too_big),
         ("guest_tx_lent", q.tx_lent),
+        ("guest_rx_lent", q.rx_lent),
         ("connections", q.connections),
     ]
     .into_iter()
@@ -272,6 +273,7 @@ fn endpoint_counters(c: &LinkCounters) -> Vec<proto::Counter> {
         ("rx_errors", c.rx_errors),
         ("sa_failures", c.sa_failures),
         ("tx_zero_copy", c.tx_zero_copy),
+        ("rx_zero_copy", c.rx_zero_copy),
     ]
     .into_iter()
     .map(|(n, v)| proto::Counter {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use mlx5_driver::Hca;
 use mlx5_driver::hca::{AsyncEvent, ForeignWindow, HcaError, TeardownReport};
-use mlx5_driver::layout::cqe::Cqe;
+use mlx5_driver::layout::cqe::{Cqe, CqeError};
 use mlx5_driver::layout::eqe::PortChange;
 use mlx5_driver::layout::smp::PortState;
 use mlx5_driver::layout::wqe::{AddressVector, Grh, Sge};
@@ -40,8 +40,7 @@ use crate::vnet::{self, TxPlan, VnetHdr};
 
 /// GRH area + the largest IB MTU.
 const RX_BUF: usize = 40 + 4096;
-/// Receive buffers (the RQ holds 2^LOG_RQ WQEs).
-const RX_BUFS: usize = 256;
+/// log2 of the receive buffers (and RQ WQEs) of an endpoint.
 const LOG_RQ: u8 = 8;
 /// Send slots: IPoIB header + payload, up to a 64 KiB TSO packet.
 const TX_SLOT: usize = 64 * 1024 + 512;
@@ -87,10 +86,99 @@ pub trait HostPort {
     fn copy_back(&self, _token: u16, _from: usize, _out: &mut [u8]) -> bool {
         false
     }
+    /// Whether receive buffers can be lent now ([`HostPort::lend_rx`]):
+    /// `Some(true)` if a packet may span several of them (virtio-net's
+    /// mergeable receive buffers), `Some(false)` if it must fit one.
+    fn rx_ready(&self) -> Option<bool> {
+        None
+    }
+    /// Lends a receive buffer of at least `min_cap` bytes for the HCA to
+    /// write into, its pieces as scatter entries into `out`.
+    fn lend_rx(&self, _min_cap: u32, _out: &mut [Sge]) -> Lend {
+        Lend::Refused
+    }
+    /// Copies bytes `off..` of lent receive buffer `token` into `out`.
+    fn rx_read(&self, _token: u16, _off: usize, _out: &mut [u8]) -> bool {
+        false
+    }
+    /// Writes `data` at `off` of lent receive buffer `token`.
+    fn rx_write(&self, _token: u16, _off: usize, _data: &[u8]) -> bool {
+        false
+    }
+    /// A packet is in lent receive buffers `used` (token and bytes, in
+    /// order), its 12-byte virtio-net header `hdr` to go at the start of
+    /// the first: they go to the guest.
+    fn rx_done(&self, _hdr: [u8; VNET_HDR_LEN_MRG], _used: &[(u16, u32)]) -> bool {
+        false
+    }
+    /// A lent receive buffer comes back unused.
+    fn rx_return(&self, _token: u16) {}
 }
 
 /// Most gather entries a lent packet may take.
 pub const MAX_LENT: usize = 18;
+
+/// Receive WQEs of a guest endpoint that lends guest buffers: each needs
+/// room for the largest packet in them, so the guest's ring (256 buffers
+/// is usual) can back all of them.
+const LOG_RQ_LENT: u8 = 6;
+/// Scatter entries of such a WQE: GRH, IPoIB header, then pieces of guest
+/// buffers.
+const RX_SGES: u8 = 7;
+const MAX_RX_PIECES: usize = RX_SGES as usize - 2;
+/// Most pieces one lent receive buffer may have.
+pub const MAX_RX_BUF_PIECES: usize = 4;
+/// What the backend writes before the packet in a guest's first receive
+/// buffer: the virtio-net and Ethernet headers.
+const GUEST_RX_SKIP: usize = VNET_HDR_LEN_MRG + eth::ETH_HLEN;
+/// Guest buffer room a receive WQE needs: those headers and the largest
+/// UD payload past the IPoIB header (4096-byte IB MTU); a packet larger
+/// than the WQE would take the QP to the error state.
+const GUEST_RX_ROOM: usize = GUEST_RX_SKIP + 4096 - engine::IPOIB_HEADER_LEN;
+/// Bytes of a packet received into guest buffers copied for the engine
+/// and the translation (IP and transport headers); ARP and ICMPv6 (ND,
+/// MLD) are copied whole, as they may be rewritten.
+const RX_PEEK: usize = 128;
+
+const NO_SGE: Sge = Sge {
+    addr: 0,
+    len: 0,
+    lkey: 0,
+};
+
+/// A receive buffer a guest lent: its token, pieces and capacity.
+#[derive(Debug, Clone, Copy)]
+struct GuestBuf {
+    token: u16,
+    sges: [Sge; MAX_RX_BUF_PIECES],
+    n: usize,
+    cap: usize,
+}
+
+/// Guest receive buffers that one WQE (or one received packet) holds;
+/// `n == 0`: none (the WQE points at the endpoint's own buffer).
+#[derive(Debug, Clone, Copy)]
+struct RxLent {
+    bufs: [GuestBuf; MAX_RX_PIECES],
+    n: usize,
+    /// Packet bytes (received packets).
+    len: usize,
+}
+
+impl Default for RxLent {
+    fn default() -> Self {
+        RxLent {
+            bufs: [GuestBuf {
+                token: 0,
+                sges: [NO_SGE; MAX_RX_BUF_PIECES],
+                n: 0,
+                cap: 0,
+            }; MAX_RX_PIECES],
+            n: 0,
+            len: 0,
+        }
+    }
+}
 
 /// A packet lent by the host side: what was copied, and where the rest is
 /// for the HCA.
@@ -106,6 +194,19 @@ pub struct Lent {
     pub sges: [Sge; MAX_LENT],
     /// Entries used.
     pub n: usize,
+}
+
+/// What [`HostPort::lend_rx`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lend {
+    /// A buffer is lent: its token, the scatter entries it took, its
+    /// capacity.
+    Lent(u16, usize, u32),
+    /// No buffer is posted now; ask again later.
+    Empty,
+    /// The next buffer cannot be lent (too small, too many pieces,
+    /// outside the window): it is left to the copy.
+    Refused,
 }
 
 /// What [`HostPort::recv_lent`] read. Passed by value on the data path:
@@ -165,6 +266,8 @@ pub struct LinkCounters {
     pub sa_failures: u64,
     /// Packets sent straight from a guest's memory (lent, not copied).
     pub tx_zero_copy: u64,
+    /// Packets the HCA wrote straight into a guest's buffers.
+    pub rx_zero_copy: u64,
 }
 
 /// An SA transaction in flight, for an endpoint.
@@ -239,6 +342,16 @@ struct Endpoint {
     rx: Option<DmaBuffer>,
     tx: Option<DmaBuffer>,
     rx_posted: VecDeque<usize>,
+    /// Guest receive buffers each posted WQE holds, by receive buffer.
+    rx_lent: Vec<RxLent>,
+    /// Guest receive buffers held by packets in the pool, by slot.
+    slot_rx: Vec<RxLent>,
+    /// Lent guest receive buffers not in a WQE.
+    rx_spare: Vec<GuestBuf>,
+    /// New receive WQEs may take guest buffers.
+    rx_lend: bool,
+    /// Receive WQEs waiting for the guest to lend buffers.
+    rx_unposted: Vec<usize>,
     tx_free: Vec<usize>,
     /// Posted sends: slot, and the lent packet they gather from.
     tx_inflight: VecDeque<(usize, Option<u16>)>,
@@ -269,6 +382,10 @@ pub struct GuestConfig {
     pub learn_mac: bool,
     /// Source addresses the guest may use; empty: learned.
     pub allowed: Vec<IpAddr>,
+    /// The guest's memory will be mapped for the HCA
+    /// ([`Link::map_guest_memory`]): the receive queue is sized for WQEs
+    /// that take guest buffers.
+    pub zero_copy: bool,
 }
 
 /// What `ipoib-tool vms` shows of a guest's endpoint.
@@ -349,6 +466,8 @@ struct Parts {
     rx: Option<DmaBuffer>,
     tx: Option<DmaBuffer>,
     dom: Option<Domain>,
+    /// log2 of the RQ's WQEs (and of the receive buffers).
+    log_rq: u8,
 }
 
 /// Where a VM's memory is for the HCA: the key, and each region's IOVA
@@ -374,7 +493,7 @@ impl<T: Transport> Link<T> {
             Ok(g) => g,
             Err(e) => return Err((Box::new(e.into()), hca.shutdown())),
         };
-        let parts = match Self::create_endpoint(&mut hca, false) {
+        let parts = match Self::create_endpoint(&mut hca, false, false) {
             Ok(p) => p,
             Err(e) => {
                 let _ = gsi.destroy(&mut hca);
@@ -414,8 +533,11 @@ impl<T: Transport> Link<T> {
 
     /// Creates an endpoint's HCA objects: in a protection domain of its
     /// own for a guest (`own_domain`), in the HCA's for the host.
-    fn create_endpoint(hca: &mut Hca<T>, own_domain: bool) -> Result<Parts, LinkError> {
-        let mut p = Parts::default();
+    fn create_endpoint(hca: &mut Hca<T>, own_domain: bool, lend: bool) -> Result<Parts, LinkError> {
+        let mut p = Parts {
+            log_rq: if lend { LOG_RQ_LENT } else { LOG_RQ },
+            ..Parts::default()
+        };
         match Self::build_parts(hca, &mut p, own_domain) {
             Ok(()) => Ok(p),
             Err(e) => {
@@ -435,7 +557,7 @@ impl<T: Transport> Link<T> {
             });
         }
         let scq = p.scq.insert(Cq::create(hca, LOG_SQ + 1)?).cqn();
-        let rcq = p.rcq.insert(Cq::create(hca, LOG_RQ + 1)?).cqn();
+        let rcq = p.rcq.insert(Cq::create(hca, p.log_rq + 1)?).cqn();
         let cfg = QpConfig {
             log_sq: LOG_SQ,
             // Siblings on the port must see our multicast; our own
@@ -443,10 +565,12 @@ impl<T: Transport> Link<T> {
             block_mc_loopback: false,
             offload: hca.info().ipoib_basic_offloads,
             pd: p.dom.as_ref().map(|d| d.pd),
+            log_rq: p.log_rq,
+            rq_sge: if own_domain { RX_SGES } else { 1 },
             ..QpConfig::ud(1, 0, QKEY_DEFAULT, LOG_RQ, scq, rcq)
         };
         p.qp.insert(Qp::create(hca, &cfg)?).activate_datagram(hca)?;
-        let rx = p.rx.insert(hca.alloc_dma(RX_BUFS * RX_BUF)?);
+        let rx = p.rx.insert(hca.alloc_dma((1usize << p.log_rq) * RX_BUF)?);
         let (rx_iova, rx_len) = (rx.iova(), rx.len() as u64);
         let tx = p.tx.insert(hca.alloc_dma(TX_SLOTS * TX_SLOT)?);
         let (tx_iova, tx_len) = (tx.iova(), tx.len() as u64);
@@ -528,7 +652,9 @@ impl<T: Transport> Link<T> {
             rx,
             tx,
             dom,
+            log_rq,
         } = parts;
+        let rx_bufs = 1usize << log_rq;
         let lkey = self.hca.lkey();
         let rx_key = dom.as_ref().and_then(|d| d.rx_key).unwrap_or(lkey);
         let tx_key = dom.as_ref().and_then(|d| d.tx_key).unwrap_or(lkey);
@@ -562,7 +688,12 @@ impl<T: Transport> Link<T> {
             dom,
             rx_key,
             tx_key,
-            rx_posted: VecDeque::with_capacity(RX_BUFS),
+            rx_posted: VecDeque::with_capacity(rx_bufs),
+            rx_lent: vec![RxLent::default(); rx_bufs],
+            slot_rx: vec![RxLent::default(); HOST_BUFS],
+            rx_spare: Vec::new(),
+            rx_lend: true,
+            rx_unposted: Vec::new(),
             tx_free: (0..TX_SLOTS).rev().collect(),
             tx_inflight: VecDeque::with_capacity(TX_SLOTS),
             pool: vec![vec![0u8; HOST_BUF]; HOST_BUFS],
@@ -576,7 +707,7 @@ impl<T: Transport> Link<T> {
             counters: LinkCounters::default(),
             guest,
         };
-        for i in 0..RX_BUFS {
+        for i in 0..rx_bufs {
             ep.post_rx(i);
         }
         if let Some(qp) = ep.qp.as_mut() {
@@ -593,7 +724,7 @@ impl<T: Transport> Link<T> {
         cfg: GuestConfig,
         port: Box<dyn HostPort>,
     ) -> Result<EndpointId, LinkError> {
-        let parts = Self::create_endpoint(&mut self.hca, true)?;
+        let parts = Self::create_endpoint(&mut self.hca, true, cfg.zero_copy)?;
         let ep = self.assemble(parts, Some((cfg, port)));
         let id = match self.eps.iter().position(Option::is_none) {
             Some(free) => {
@@ -702,11 +833,125 @@ impl<T: Transport> Link<T> {
     }
 
     /// Makes sure nothing of the HCA's points into a guest's memory: the
-    /// packets it lent that wait in the engine are copied in, and the
-    /// posted sends gathering from it complete (false if they do not
-    /// within [`DRAIN_TIMEOUT`]). Call before the guest's rings or memory
-    /// table change.
+    /// packets it lent that wait in the engine are copied in, the posted
+    /// sends gathering from it complete, and the receive WQEs holding its
+    /// buffers are flushed and the buffers given back (false if the HCA
+    /// does not finish within [`DRAIN_TIMEOUT`]). The endpoint's receive
+    /// queue then stays empty until [`Link::resume_guest`]. Call before
+    /// the guest's rings or memory table change.
     pub fn quiesce_guest(&mut self, id: EndpointId) -> bool {
+        self.quiesce_tx(id) && self.take_back_rx(id, false)
+    }
+
+    /// Posts the receive WQEs of a quiesced guest endpoint again, into
+    /// the guest's buffers if it lends them now. An endpoint whose WQEs
+    /// all point at its own buffers while the guest could lend has them
+    /// replaced.
+    pub fn resume_guest(&mut self, id: EndpointId) {
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        ep.rx_lend = true;
+        let lent = ep.rx_lent.iter().any(|w| w.n > 0);
+        if !ep.rx_posted.is_empty() && !lent && ep.lends_rx() && !self.take_back_rx(id, true) {
+            return;
+        }
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        ep.rx_lend = true;
+        if ep.rx_posted.is_empty() && ep.rx_unposted.is_empty() {
+            for i in 0..ep.rx_lent.len() {
+                ep.post_rx(i);
+            }
+            if let Some(qp) = ep.qp.as_mut() {
+                qp.ring_rq();
+            }
+        }
+    }
+
+    /// Empties the endpoint's receive queue when it holds guest buffers
+    /// (or always, with `force`): what arrived is delivered, the QP goes
+    /// to ERR (flushing every WQE) and back through RESET to RTS with its
+    /// QPN, Q_Key and groups, and the guest gets its buffers back.
+    fn take_back_rx(&mut self, id: EndpointId, force: bool) -> bool {
+        self.receive(id, &NoHost);
+        let Link { hca, eps, .. } = self;
+        let Some(ep) = eps.get_mut(id).and_then(Option::as_mut) else {
+            return true;
+        };
+        let holds = ep.rx_lent.iter().any(|w| w.n > 0) || !ep.rx_spare.is_empty();
+        if !holds && !force {
+            return true;
+        }
+        ep.rx_lend = false;
+        tracing::debug!(endpoint = id, force, "taking guest receive buffers back");
+        // The reset forgets posted work: sends complete first.
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !ep.tx_inflight.is_empty() {
+            ep.reap_sends();
+            if Instant::now() >= deadline {
+                tracing::warn!(endpoint = id, "sends did not complete");
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let Some(qp) = ep.qp.as_mut() else {
+            return false;
+        };
+        for g in &ep.attached {
+            let _ = qp.detach(hca, *g);
+        }
+        if let Err(e) = qp.to_error(hca) {
+            tracing::warn!(endpoint = id, "moving a QP to ERR: {e}");
+            return false;
+        }
+        // Every posted WQE completes, flushed; a packet that came in just
+        // before is dropped with its WQE.
+        let mut buf = [Cqe::parse(&[0xF0u8; 64]); 32];
+        while !ep.rx_posted.is_empty() {
+            let n = ep.rcq.as_mut().map_or(0, |c| c.poll(&mut buf));
+            for c in &buf[..n] {
+                let Some(i) = ep.rx_posted.pop_front() else {
+                    break;
+                };
+                qp.recv_done();
+                let w = std::mem::take(&mut ep.rx_lent[i]);
+                ep.rx_spare.extend_from_slice(&w.bufs[..w.n]);
+                if c.error.is_none() {
+                    ep.counters.rx_no_buffer += 1;
+                }
+            }
+            if n == 0 {
+                if Instant::now() >= deadline {
+                    tracing::warn!(endpoint = id, "receive WQEs were not flushed");
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        // WQEs that waited for buffers are posted afresh by resume_guest.
+        ep.rx_unposted.clear();
+        if let Some(g) = ep.guest.as_ref() {
+            for b in ep.rx_spare.drain(..) {
+                g.port.rx_return(b.token);
+            }
+        }
+        let up = qp.reset(hca).and_then(|()| qp.activate_datagram(hca));
+        if let Err(e) = up {
+            tracing::warn!(endpoint = id, "restarting a QP: {e}");
+            return false;
+        }
+        for g in &ep.attached {
+            if let Err(e) = qp.attach(hca, *g) {
+                tracing::warn!("attaching to a multicast group: {e}");
+            }
+        }
+        tracing::debug!(endpoint = id, "guest receive buffers taken back");
+        true
+    }
+
+    fn quiesce_tx(&mut self, id: EndpointId) -> bool {
         let t = self.hca.transport();
         let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
             return true;
@@ -809,6 +1054,7 @@ impl<T: Transport> Link<T> {
             rx: ep.rx.take(),
             tx: ep.tx.take(),
             dom: ep.dom.take(),
+            log_rq: 0,
         };
         let errors = Self::release_parts(&mut self.hca, parts);
         ep.give_back_inflight();
@@ -982,6 +1228,12 @@ impl<T: Transport> Link<T> {
             }
             self.reap_sends(id);
             moved += self.receive(id, host) + self.read_host(id, host);
+            if let Some(ep) = self.eps[id].as_mut()
+                && ep.refill_rx()
+                && let Some(qp) = ep.qp.as_mut()
+            {
+                qp.ring_rq();
+            }
             if timers && let Some(ep) = self.eps[id].as_mut() {
                 ep.engine.poll(now, &mut ep.out);
             }
@@ -1502,7 +1754,21 @@ fn split_families(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
 }
 
 impl Endpoint {
+    /// Posts receive WQE `i`: into guest buffers when the guest lends
+    /// them, into the endpoint's own buffer `i` otherwise.
     fn post_rx(&mut self, i: usize) {
+        if self.lends_rx() {
+            match self.post_rx_lent(i) {
+                Lend::Lent(..) => return,
+                // The guest has no buffers now: the WQE waits for them
+                // (refill_rx), as a NIC's ring does.
+                Lend::Empty => {
+                    self.rx_unposted.push(i);
+                    return;
+                }
+                Lend::Refused => {}
+            }
+        }
         let (Some(qp), Some(rx)) = (self.qp.as_mut(), self.rx.as_ref()) else {
             return;
         };
@@ -1514,6 +1780,137 @@ impl Endpoint {
         if qp.post_recv(&[sge]).is_ok() {
             self.rx_posted.push_back(i);
         }
+    }
+
+    /// Whether new receive WQEs take guest buffers: a guest endpoint
+    /// whose VM's memory is mapped, sized for it, not being quiesced.
+    fn lends_rx(&self) -> bool {
+        self.rx_lend
+            && self.rx_lent.len() == 1 << LOG_RQ_LENT
+            && self.dom.as_ref().is_some_and(|d| d.window.is_some())
+            && self
+                .guest
+                .as_ref()
+                .is_some_and(|g| g.port.rx_ready().is_some())
+    }
+
+    /// Posts the WQEs that waited for guest buffers, as far as the guest
+    /// has lent them; true if any was posted (the RQ needs a doorbell).
+    fn refill_rx(&mut self) -> bool {
+        if self.rx_unposted.is_empty() || !self.lends_rx() {
+            // Not lending any more: the endpoint's own buffers take them.
+            let waiting = std::mem::take(&mut self.rx_unposted);
+            let any = !waiting.is_empty();
+            for i in waiting {
+                self.post_rx(i);
+            }
+            return any;
+        }
+        let mut any = false;
+        while let Some(&i) = self.rx_unposted.last() {
+            match self.post_rx_lent(i) {
+                Lend::Lent(..) => {
+                    self.rx_unposted.pop();
+                    any = true;
+                }
+                Lend::Empty => break,
+                Lend::Refused => {
+                    self.rx_unposted.pop();
+                    self.rx_lend = false;
+                    self.post_rx(i);
+                    self.rx_lend = true;
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+
+    /// Posts WQE `i` as GRH and IPoIB header into the endpoint's buffer
+    /// `i`, then guest buffers (from past the room for the virtio-net and
+    /// Ethernet headers) for the largest packet.
+    fn post_rx_lent(&mut self, i: usize) -> Lend {
+        let (Some(g), Some(rx)) = (self.guest.as_ref(), self.rx.as_ref()) else {
+            return Lend::Refused;
+        };
+        let mut w = RxLent::default();
+        let mut pieces = 0;
+        let mut cap = 0;
+        // Without mergeable buffers one buffer must hold the largest
+        // packet; with them, any buffer holding a virtio-net header will do.
+        let (most, min_cap) = if g.port.rx_ready() == Some(true) {
+            (MAX_RX_PIECES, VNET_HDR_LEN_MRG)
+        } else {
+            (1, GUEST_RX_ROOM)
+        };
+        let mut result = Lend::Empty;
+        while cap < GUEST_RX_ROOM && w.n < most {
+            let b = match self.rx_spare.pop() {
+                Some(b) => b,
+                None => {
+                    let mut b = w.bufs[w.n];
+                    match g.port.lend_rx(min_cap as u32, &mut b.sges) {
+                        Lend::Lent(token, n, c) => {
+                            b.token = token;
+                            b.n = n;
+                            b.cap = c as usize;
+                            b
+                        }
+                        other => {
+                            result = other;
+                            break;
+                        }
+                    }
+                }
+            };
+            if pieces + b.n > MAX_RX_PIECES || (w.n == 0 && b.cap <= GUEST_RX_SKIP) {
+                self.rx_spare.push(b);
+                break;
+            }
+            w.bufs[w.n] = b;
+            w.n += 1;
+            pieces += b.n;
+            cap += b.cap;
+        }
+        let mut sges = [NO_SGE; RX_SGES as usize];
+        sges[0] = Sge {
+            addr: rx.iova_at(i * RX_BUF).0,
+            len: 40,
+            lkey: self.rx_key,
+        };
+        sges[1] = Sge {
+            addr: rx.iova_at(i * RX_BUF + 40).0,
+            len: engine::IPOIB_HEADER_LEN as u32,
+            lkey: self.rx_key,
+        };
+        let mut n = 2;
+        let mut skip = GUEST_RX_SKIP as u32;
+        for b in &w.bufs[..w.n] {
+            for s in &b.sges[..b.n] {
+                let cut = skip.min(s.len);
+                skip -= cut;
+                if cut < s.len {
+                    sges[n] = Sge {
+                        addr: s.addr + u64::from(cut),
+                        len: s.len - cut,
+                        lkey: s.lkey,
+                    };
+                    n += 1;
+                }
+            }
+        }
+        if cap < GUEST_RX_ROOM {
+            self.rx_spare.extend_from_slice(&w.bufs[..w.n]);
+            return result;
+        }
+        let posted = self.qp.as_mut().map(|qp| qp.post_recv(&sges[..n]));
+        if !matches!(posted, Some(Ok(()))) {
+            self.rx_spare.extend_from_slice(&w.bufs[..w.n]);
+            return Lend::Refused;
+        }
+        self.rx_lent[i] = w;
+        self.rx_posted.push_back(i);
+        Lend::Lent(0, n, cap as u32)
     }
 
     /// Send slots and SQ space are left for a burst of the largest sends,
@@ -1576,6 +1973,11 @@ impl Endpoint {
             if let Some(qp) = self.qp.as_mut() {
                 qp.recv_done();
             }
+            if self.rx_lent[i].n > 0 {
+                self.receive_lent(i, c, now);
+                self.post_rx(i);
+                continue;
+            }
             if c.error.is_some() {
                 self.counters.rx_errors += 1;
                 self.post_rx(i);
@@ -1637,6 +2039,170 @@ impl Endpoint {
             qp.ring_rq();
         }
         n
+    }
+
+    /// A completion of receive WQE `i`, whose packet the HCA wrote into
+    /// guest buffers: its headers are copied for the engine (the whole of
+    /// ARP and ICMPv6), the buffers it filled are held with its slot, the
+    /// others kept for the next WQE.
+    fn receive_lent(&mut self, i: usize, c: &Cqe, now: Instant) {
+        let mut held = std::mem::take(&mut self.rx_lent[i]);
+        let len = (c.byte_cnt as usize).clamp(40, RX_BUF) - 40;
+        let ok = c.error.is_none() && len >= engine::IPOIB_HEADER_LEN;
+        if c.error.is_some_and(|e| e != CqeError::WrFlushed) || (c.error.is_none() && !ok) {
+            self.counters.rx_errors += 1;
+        }
+        let slot = if ok { self.pool_free.pop() } else { None };
+        let Some(slot) = slot else {
+            if ok {
+                self.counters.rx_no_buffer += 1;
+            }
+            self.rx_spare.extend_from_slice(&held.bufs[..held.n]);
+            return;
+        };
+        self.counters.rx_packets += 1;
+        self.counters.rx_bytes += len as u64;
+        let body = len - engine::IPOIB_HEADER_LEN;
+        // The buffers past those the packet filled go back to the spares.
+        let mut room = GUEST_RX_SKIP + body;
+        let mut filled = 0;
+        for b in &held.bufs[..held.n] {
+            if room == 0 {
+                self.rx_spare.push(*b);
+                continue;
+            }
+            room = room.saturating_sub(b.cap);
+            filled += 1;
+        }
+        held.n = filled;
+        let (mut grh, mut hdr) = ([0u8; 40], [0u8; engine::IPOIB_HEADER_LEN]);
+        if let Some(rx) = self.rx.as_ref() {
+            rx.read(i * RX_BUF, &mut grh);
+            rx.read(i * RX_BUF + 40, &mut hdr);
+        }
+        let ty = u16::from_be_bytes([hdr[0], hdr[1]]);
+        let start = eth::ETH_HLEN;
+        let data = start + VNET_HDR_LEN_MRG;
+        let port = self.guest.as_ref().map(|g| &*g.port);
+        let p = &mut self.pool[slot];
+        let mut peek = body.min(RX_PEEK);
+        let mut read =
+            port.is_some_and(|g| read_lent(g, &held, GUEST_RX_SKIP, &mut p[data..data + peek]));
+        let whole = ty == engine::ethertype::ARP
+            || (ty == engine::ethertype::IPV6 && peek > 6 && matches!(p[data + 6], 0 | 58));
+        if read && whole && peek < body {
+            peek = body;
+            read =
+                port.is_some_and(|g| read_lent(g, &held, GUEST_RX_SKIP, &mut p[data..data + peek]));
+        }
+        if !read {
+            self.counters.rx_errors += 1;
+            self.rx_spare.extend_from_slice(&held.bufs[..held.n]);
+            self.pool_free.push(slot);
+            return;
+        }
+        held.len = peek;
+        let has_grh = c.grh();
+        let multicast = has_grh && grh[24] == 0xFF;
+        let mut sgid = [0u8; 16];
+        sgid.copy_from_slice(&grh[8..24]);
+        self.slots[slot] = Slot {
+            start,
+            end: data + body,
+            ty,
+            csum_ok: c.ip_csum_ok(),
+            lent: None,
+            from: Some(Sender {
+                slid: c.slid,
+                sqpn: c.src_qpn(),
+                sgid: has_grh.then_some(sgid),
+                multicast,
+            }),
+        };
+        self.slot_rx[slot] = held;
+        let src = Source {
+            slid: c.slid,
+            sqpn: c.src_qpn(),
+            multicast,
+        };
+        let bytes = &self.pool[slot][data..data + peek];
+        self.engine
+            .receive(src, ty, bytes, slot, now, &mut self.out);
+    }
+
+    /// Hands a packet the HCA wrote into guest buffers to the guest: the
+    /// virtio-net and Ethernet headers are written before it (or the
+    /// rewritten ARP or ND message over it), and the buffers it fills go
+    /// on the used ring.
+    fn deliver_lent(&mut self, slot: usize, now: Instant) {
+        let s = self.slots[slot];
+        let mut held = std::mem::take(&mut self.slot_rx[slot]);
+        let Some(g) = self.guest.as_mut() else {
+            self.pool_free.push(slot);
+            return;
+        };
+        let data = s.start + VNET_HDR_LEN_MRG;
+        let body = s.end - data;
+        let from = s.from.unwrap_or(Sender {
+            slid: 0,
+            sqpn: 0,
+            sgid: None,
+            multicast: false,
+        });
+        let p = &self.pool[slot];
+        let port = &*g.port;
+        let total = match g
+            .tr
+            .to_guest(from, s.ty, &p[data..data + held.len], &mut g.scratch, now)
+        {
+            Ok(GuestRx::Header(h)) => {
+                let frame = eth::ETH_HLEN + body;
+                let pad = eth::ETH_MIN_FRAME.saturating_sub(frame);
+                let zeros = [0u8; eth::ETH_MIN_FRAME];
+                (write_lent(port, &held, VNET_HDR_LEN_MRG, &h)
+                    && write_lent(port, &held, GUEST_RX_SKIP + body, &zeros[..pad]))
+                .then_some(VNET_HDR_LEN_MRG + frame + pad)
+            }
+            Ok(GuestRx::Rewritten(n)) => write_lent(port, &held, VNET_HDR_LEN_MRG, &g.scratch[..n])
+                .then_some(VNET_HDR_LEN_MRG + n),
+            // Counted by the translator.
+            Err(_) => None,
+        };
+        let used = total.map(|total| {
+            let mut used = [(0u16, 0u32); MAX_RX_PIECES];
+            let mut left = total;
+            let mut n = 0;
+            for b in &held.bufs[..held.n] {
+                let take = left.min(b.cap);
+                if take == 0 {
+                    self.rx_spare.push(*b);
+                    continue;
+                }
+                used[n] = (b.token, take as u32);
+                n += 1;
+                left -= take;
+            }
+            (used, n)
+        });
+        match used {
+            Some((used, n)) => {
+                let mut hdr = [0u8; VNET_HDR_LEN_MRG];
+                if s.csum_ok {
+                    hdr[0] = vnet::F_DATA_VALID;
+                }
+                if port.rx_done(hdr, &used[..n]) {
+                    self.counters.rx_delivered += 1;
+                    self.counters.rx_zero_copy += 1;
+                } else {
+                    self.counters.rx_errors += 1;
+                }
+            }
+            None => {
+                held.n = held.n.min(MAX_RX_PIECES);
+                self.rx_spare.extend_from_slice(&held.bufs[..held.n]);
+            }
+        }
+        self.pool_free.push(slot);
     }
 
     /// Takes a packet of `n` bytes just read into pool buffer `slot` from
@@ -1719,6 +2285,8 @@ impl Endpoint {
         {
             g.port.give_back(l.token);
         }
+        let held = std::mem::take(&mut self.slot_rx[slot]);
+        self.rx_spare.extend_from_slice(&held.bufs[..held.n]);
         self.pool_free.push(slot);
     }
 
@@ -1758,6 +2326,9 @@ impl Endpoint {
     /// Hands a received packet to the host side (the TUN device, or the
     /// guest after translation) and frees its buffer.
     fn deliver(&mut self, slot: usize, host: Option<&dyn HostPort>, now: Instant) {
+        if self.slot_rx[slot].n > 0 {
+            return self.deliver_lent(slot, now);
+        }
         let s = self.slots[slot];
         let p = &mut self.pool[slot];
         let frame = match self.guest.as_mut() {
@@ -2004,5 +2575,57 @@ impl Endpoint {
         if let Payload::Host(p, _) = payload {
             self.free_slot(p);
         }
+    }
+}
+
+/// Reads bytes `off..off + out.len()` of the guest buffers `held` (laid
+/// end to end) through `port`.
+fn read_lent(port: &dyn HostPort, held: &RxLent, off: usize, out: &mut [u8]) -> bool {
+    lent_pieces(held, off, out.len(), |token, at, from, n| {
+        port.rx_read(token, at, &mut out[from..from + n])
+    })
+}
+
+/// Writes `data` at `off` of the guest buffers `held` through `port`.
+fn write_lent(port: &dyn HostPort, held: &RxLent, off: usize, data: &[u8]) -> bool {
+    lent_pieces(held, off, data.len(), |token, at, from, n| {
+        port.rx_write(token, at, &data[from..from + n])
+    })
+}
+
+/// Splits `off..off + len` of the buffers `held` into per-buffer pieces:
+/// `f(token, offset in the buffer, offset in the range, length)`.
+fn lent_pieces(
+    held: &RxLent,
+    off: usize,
+    len: usize,
+    mut f: impl FnMut(u16, usize, usize, usize) -> bool,
+) -> bool {
+    let mut at = 0usize;
+    let mut done = 0usize;
+    for b in &held.bufs[..held.n] {
+        let (lo, hi) = (at.max(off), (at + b.cap).min(off + len));
+        if lo < hi {
+            if !f(b.token, lo - at, lo - off, hi - lo) {
+                return false;
+            }
+            done += hi - lo;
+        }
+        at += b.cap;
+    }
+    done == len
+}
+
+/// A host side with nothing to give or take (guest endpoints deliver to
+/// their own ports).
+struct NoHost;
+
+impl HostPort for NoHost {
+    fn recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
     }
 }

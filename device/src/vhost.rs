@@ -70,7 +70,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::engine::eth::Mac;
-use crate::link::{EndpointId, GuestConfig, GuestWindow, HostPort, Lent, Link, MAX_LENT, Received};
+use crate::link::{
+    EndpointId, GuestConfig, GuestWindow, HostPort, Lend, Lent, Link, MAX_LENT, Received,
+};
 
 /// virtio-net and virtio feature bits this backend knows (virtio 1.2
 /// §5.1.3, §6).
@@ -125,6 +127,8 @@ pub const LEND_MIN: usize = 512;
 pub const LEND_HEAD: usize = 256;
 /// Descriptors a lent frame may have.
 const MAX_LEND_DESCS: usize = 20;
+/// Descriptors a receive chain lent to the HCA may have.
+const MAX_RX_LEND_DESCS: usize = 4;
 
 /// What one vNIC's queues saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -150,6 +154,8 @@ pub struct QueueCounters {
     pub bad_requests: u64,
     /// Frames lent to the HCA (sent from guest memory).
     pub tx_lent: u64,
+    /// Frames the HCA wrote straight into the guest's buffers.
+    pub rx_lent: u64,
 }
 
 /// What `ipoib-tool vms` shows of a vNIC's frontend side.
@@ -241,6 +247,39 @@ impl Window {
     }
 }
 
+/// The descriptors of a receive chain lent to the HCA.
+#[derive(Debug, Clone, Copy)]
+struct RxChain {
+    descs: [(GuestAddress, u32); MAX_RX_LEND_DESCS],
+    n: usize,
+}
+
+impl RxChain {
+    /// The guest addresses of bytes `off..off + len` of the chain, piece
+    /// by piece; false if they run past its end.
+    fn pieces(
+        &self,
+        off: usize,
+        len: usize,
+        mut f: impl FnMut(GuestAddress, usize, usize) -> bool,
+    ) -> bool {
+        let mut at = 0usize;
+        let mut done = 0usize;
+        for &(addr, dlen) in &self.descs[..self.n] {
+            let dlen = dlen as usize;
+            let (lo, hi) = (at.max(off), (at + dlen).min(off + len));
+            if lo < hi {
+                if !f(GuestAddress(addr.0 + (lo - at) as u64), lo - off, hi - lo) {
+                    return false;
+                }
+                done += hi - lo;
+            }
+            at += dlen;
+        }
+        done == len
+    }
+}
+
 /// The descriptors of a transmit chain lent to the HCA.
 #[derive(Debug, Clone, Copy)]
 struct LentChain {
@@ -268,6 +307,10 @@ pub struct Device {
     /// Transmit chains lent to the HCA, by head index, and how many.
     lent: Vec<Option<LentChain>>,
     lent_out: usize,
+    /// Receive chains lent to the HCA (or given back unused and kept for
+    /// the next lending, `rx_back`), by head index.
+    rx_lent: Vec<Option<RxChain>>,
+    rx_back: Vec<u16>,
     vqs: [Vq; 2],
     connected: bool,
     counters: QueueCounters,
@@ -289,6 +332,8 @@ impl Device {
             window: None,
             lent: vec![None; MAX_QUEUE_SIZE],
             lent_out: 0,
+            rx_lent: vec![None; MAX_QUEUE_SIZE],
+            rx_back: Vec::new(),
             vqs: [Vq::new()?, Vq::new()?],
             connected: false,
             counters: QueueCounters::default(),
@@ -323,6 +368,8 @@ impl Device {
         self.window = None;
         self.lent.fill(None);
         self.lent_out = 0;
+        self.rx_lent.fill(None);
+        self.rx_back.clear();
         for vq in &mut self.vqs {
             vq.queue.reset();
             vq.kick = None;
@@ -469,6 +516,170 @@ impl Device {
         }
         self.give_back(head);
         ok && done == out.len()
+    }
+
+    /// Lends a receive chain to the HCA: its descriptors as gather entries
+    /// at their IOVAs in the window (into `out`); the chain's head, the
+    /// entries used and its capacity. `None` when there is no window, the
+    /// receive queue does not run, or the next chain cannot be lent
+    /// (read-only, more than `out` or [`MAX_RX_LEND_DESCS`] descriptors,
+    /// outside the window): it is left for the copy, which refuses or
+    /// fills it.
+    fn lend_rx(&mut self, min_cap: u32, out: &mut [Sge]) -> Lend {
+        let (Some(w), Some(mem)) = (self.window.as_ref(), self.mem.as_ref()) else {
+            return Lend::Refused;
+        };
+        let vq = &mut self.vqs[RXQ];
+        if self.acked & (feature::VERSION_1 | feature::MRG_RXBUF) == 0 || !vq.runs() {
+            return Lend::Refused;
+        }
+        let sges = |c: &RxChain, out: &mut [Sge]| -> Option<(usize, u32)> {
+            let mut cap = 0u32;
+            if c.n > out.len() {
+                return None;
+            }
+            for (k, &(addr, len)) in c.descs[..c.n].iter().enumerate() {
+                out[k] = Sge {
+                    addr: w.iova(addr.0, u64::from(len))?,
+                    len,
+                    lkey: w.key,
+                };
+                cap = cap.checked_add(len)?;
+            }
+            Some((c.n, cap))
+        };
+        // Chains given back unused first; one the window no longer covers
+        // goes back to the guest empty.
+        while let Some(head) = self.rx_back.pop() {
+            let Some(c) = self.rx_lent.get(usize::from(head)).copied().flatten() else {
+                continue;
+            };
+            if let Some((n, cap)) = sges(&c, out) {
+                return Lend::Lent(head, n, cap);
+            }
+            self.rx_lent[usize::from(head)] = None;
+            let _ = vq.queue.add_used(mem, head, 0);
+            vq.unsignalled = true;
+        }
+        let Some(chain) = vq.queue.pop_descriptor_chain(mem) else {
+            return Lend::Empty;
+        };
+        let head = chain.head_index();
+        let mut c = RxChain {
+            descs: [(GuestAddress(0), 0); MAX_RX_LEND_DESCS],
+            n: 0,
+        };
+        let mut ok = self
+            .rx_lent
+            .get(usize::from(head))
+            .is_some_and(Option::is_none);
+        let mut more = false;
+        for d in chain {
+            if !ok || !d.is_write_only() || c.n == MAX_RX_LEND_DESCS || d.len() == 0 {
+                ok = false;
+                break;
+            }
+            c.descs[c.n] = (d.addr(), d.len());
+            c.n += 1;
+            more = d.has_next();
+        }
+        // Every buffer holds at least a virtio-net header (virtio 1.2
+        // §5.1.6.3.1); a shorter one is left to the copy.
+        let lent = if ok && !more && c.n > 0 {
+            sges(&c, out).filter(|&(_, cap)| cap >= min_cap.max(HDR_LEN as u32))
+        } else {
+            None
+        };
+        let Some((n, cap)) = lent else {
+            vq.queue.go_to_previous_position();
+            return Lend::Refused;
+        };
+        self.rx_lent[usize::from(head)] = Some(c);
+        Lend::Lent(head, n, cap)
+    }
+
+    /// Copies bytes `off..` of lent receive chain `head` into `out`.
+    fn rx_read(&self, head: u16, off: usize, out: &mut [u8]) -> bool {
+        let (Some(Some(c)), Some(mem)) = (self.rx_lent.get(usize::from(head)), self.mem.as_ref())
+        else {
+            return false;
+        };
+        c.pieces(off, out.len(), |addr, at, n| {
+            mem.read_slice(&mut out[at..at + n], addr).is_ok()
+        })
+    }
+
+    /// Writes `data` at `off` of lent receive chain `head`.
+    fn rx_write(&self, head: u16, off: usize, data: &[u8]) -> bool {
+        let (Some(Some(c)), Some(mem)) = (self.rx_lent.get(usize::from(head)), self.mem.as_ref())
+        else {
+            return false;
+        };
+        c.pieces(off, data.len(), |addr, at, n| {
+            mem.write_slice(&data[at..at + n], addr).is_ok()
+        })
+    }
+
+    /// A frame is in lent chains `used` (head, bytes written, in order):
+    /// the virtio-net header `hdr` goes at the start of the first (its
+    /// `num_buffers` set, DATA_VALID kept only for a guest that acked
+    /// GUEST_CSUM) and the chains go on the used ring.
+    fn rx_done(&mut self, mut hdr: [u8; HDR_LEN], used: &[(u16, u32)]) -> bool {
+        let Some(&(first, _)) = used.first() else {
+            return false;
+        };
+        if self.acked & feature::GUEST_CSUM == 0 {
+            hdr[0] &= !crate::vnet::F_DATA_VALID;
+        }
+        hdr[LEGACY_HDR_LEN..].copy_from_slice(&(used.len() as u16).to_le_bytes());
+        let wrote = self.rx_write(first, 0, &hdr);
+        let Some(mem) = self.mem.as_ref() else {
+            return false;
+        };
+        let vq = &mut self.vqs[RXQ];
+        for &(head, len) in used {
+            if let Some(slot) = self.rx_lent.get_mut(usize::from(head))
+                && slot.take().is_some()
+            {
+                let _ = vq.queue.add_used(mem, head, if wrote { len } else { 0 });
+            }
+        }
+        vq.unsignalled = true;
+        if wrote {
+            self.counters.rx_frames += 1;
+            self.counters.rx_lent += 1;
+        } else {
+            self.counters.rx_bad_chains += 1;
+        }
+        wrote
+    }
+
+    /// Receive chains kept for lending go back to the guest, empty.
+    fn return_rx_back(&mut self) {
+        let Some(mem) = self.mem.as_ref() else {
+            return;
+        };
+        let vq = &mut self.vqs[RXQ];
+        for head in self.rx_back.drain(..) {
+            if let Some(slot) = self.rx_lent.get_mut(usize::from(head))
+                && slot.take().is_some()
+            {
+                let _ = vq.queue.add_used(mem, head, 0);
+                vq.unsignalled = true;
+            }
+        }
+    }
+
+    /// A lent receive chain comes back unused: kept for the next lending.
+    fn rx_return(&mut self, head: u16) {
+        if self
+            .rx_lent
+            .get(usize::from(head))
+            .is_some_and(Option::is_some)
+            && !self.rx_back.contains(&head)
+        {
+            self.rx_back.push(head);
+        }
     }
 
     /// Writes one frame (`buf`: 12-byte virtio-net header, then the
@@ -727,6 +938,11 @@ impl VhostUserBackendReqHandlerMut for Device {
         // The ring stops; nothing of ours points into it (frames are
         // copied), so it may go at once.
         tracing::debug!(index, "GET_VRING_BASE");
+        if index as usize == RXQ {
+            // Receive buffers the HCA gave back unused go to the guest
+            // empty: after the stop the ring's state says they were taken.
+            self.return_rx_back();
+        }
         let vq = self.vq(index)?;
         vq.started = false;
         vq.queue.set_ready(false);
@@ -879,6 +1095,32 @@ impl HostPort for VnicPort {
 
     fn copy_back(&self, token: u16, from: usize, out: &mut [u8]) -> bool {
         lock(&self.0).copy_back(token, from, out)
+    }
+
+    fn rx_ready(&self) -> Option<bool> {
+        let d = lock(&self.0);
+        (d.window.is_some() && d.header_len() == HDR_LEN && d.vqs[RXQ].runs())
+            .then_some(d.acked & feature::MRG_RXBUF != 0)
+    }
+
+    fn lend_rx(&self, min_cap: u32, out: &mut [Sge]) -> Lend {
+        lock(&self.0).lend_rx(min_cap, out)
+    }
+
+    fn rx_read(&self, token: u16, off: usize, out: &mut [u8]) -> bool {
+        lock(&self.0).rx_read(token, off, out)
+    }
+
+    fn rx_write(&self, token: u16, off: usize, data: &[u8]) -> bool {
+        lock(&self.0).rx_write(token, off, data)
+    }
+
+    fn rx_done(&self, hdr: [u8; HDR_LEN], used: &[(u16, u32)]) -> bool {
+        lock(&self.0).rx_done(hdr, used)
+    }
+
+    fn rx_return(&self, token: u16) {
+        lock(&self.0).rx_return(token);
     }
 }
 
@@ -1181,6 +1423,7 @@ impl Vnic {
             mac,
             learn_mac: spec.mac.is_none(),
             allowed: spec.addresses.clone(),
+            zero_copy: !spec.copy,
         };
         let endpoint = link
             .add_guest(cfg, Box::new(VnicPort(device.clone())))
@@ -1280,6 +1523,7 @@ impl Vnic {
             Ok(()) => {
                 self.sync_kicks(epoll);
                 self.sync_window(link);
+                link.resume_guest(self.endpoint);
             }
             Err(VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_)) => {
                 tracing::info!(socket = %self.socket.display(), "vhost-user frontend left");
@@ -1292,6 +1536,8 @@ impl Vnic {
                 tracing::info!(socket = %self.socket.display(), "vhost-user request refused: {e}");
                 if matches!(e, VuError::SocketError(_) | VuError::SocketRetry(_)) {
                     self.disconnect(epoll, link);
+                } else {
+                    link.resume_guest(self.endpoint);
                 }
             }
         }
@@ -1321,34 +1567,49 @@ impl Vnic {
     }
 
     /// Maps a new memory table for the HCA (removing the old window).
+    /// Maps a new memory table for the HCA (removing the old window). The
+    /// device is not locked while the link works: quiescing calls back
+    /// into it.
     fn sync_window<T: Transport>(&mut self, link: &mut Link<T>) {
-        let mut d = lock(&self.device);
-        if d.table == self.mapped_table {
-            return;
-        }
-        self.mapped_table = d.table;
-        d.window = None;
+        let (dma, gpas) = {
+            let mut d = lock(&self.device);
+            if d.table == self.mapped_table {
+                return;
+            }
+            self.mapped_table = d.table;
+            d.window = None;
+            let gpas: Vec<(u64, u64)> = d.regions.iter().map(|r| (r.gpa, r.size)).collect();
+            (d.dma.clone(), gpas)
+        };
         if let Err(e) = link.unmap_guest_memory(self.endpoint) {
             tracing::warn!(socket = %self.socket.display(), "{e}");
             return;
         }
-        if !self.zero_copy || d.dma.is_empty() {
-            return;
-        }
-        match link.map_guest_memory(self.endpoint, &d.dma) {
-            Ok(GuestWindow { key, regions }) => {
-                let regions = d
-                    .regions
-                    .iter()
+        let mapped = if !self.zero_copy || dma.is_empty() {
+            None
+        } else {
+            match link.map_guest_memory(self.endpoint, &dma) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(
+                        socket = %self.socket.display(),
+                        "cannot map the VM's memory for the HCA, copying its frames: {e}"
+                    );
+                    None
+                }
+            }
+        };
+        let mut d = lock(&self.device);
+        match mapped {
+            Some(GuestWindow { key, regions }) => {
+                let regions = gpas
+                    .into_iter()
                     .zip(regions)
-                    .map(|(r, (iova, _))| (r.gpa, r.size, iova))
+                    .map(|((gpa, size), (iova, _))| (gpa, size, iova))
                     .collect();
                 d.window = Some(Window { key, regions });
             }
-            Err(e) => tracing::warn!(
-                socket = %self.socket.display(),
-                "cannot map the VM's memory for the HCA, copying its frames: {e}"
-            ),
+            None => d.return_rx_back(),
         }
     }
 
@@ -1371,6 +1632,7 @@ impl Vnic {
         d.connected = false;
         drop(d);
         self.sync_window(link);
+        link.resume_guest(self.endpoint);
         link.reset_guest(self.endpoint);
     }
 

@@ -3,8 +3,9 @@
 //! IPv6 pings to a host on the other side of the simulated fabric (ARP and
 //! ND resolved through the Ethernet ⇄ IPoIB translation), a ping that
 //! fragments over the 2044-byte MTU, a 1 MB TCP download, and a 1 MB
-//! upload (host a fetches it from the guest; the guest's frames are sent
-//! by the HCA from guest memory, zero-copy). The guest
+//! upload (host a fetches it from the guest), all zero-copy: the HCA
+//! sends the guest's frames from its memory and writes the frames for it
+//! into its buffers. The guest
 //! is prepared by `cargo xtask test` (QEMU 7.2, a Debian kernel, a
 //! busybox initramfs; see xtask/src/qemu.rs) and found through
 //! `IPOIB_QEMU_GUEST`. Root only.
@@ -119,6 +120,13 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
         v.counters
     );
     assert_eq!(get("tx_zero_copy"), get("guest_tx_lent"));
+    // The downloads were written by the HCA straight into guest buffers.
+    assert!(
+        get("guest_rx_lent") > BLOB as u64 / 2044,
+        "{:?}",
+        v.counters
+    );
+    assert_eq!(get("rx_zero_copy"), get("guest_rx_lent"));
     assert_eq!(get("tx_errors"), 0);
     assert_eq!(get("guest_tx_bad_chains"), 0);
     assert_eq!(get("drop_spoofed_mac") + get("drop_spoofed_ip"), 0);

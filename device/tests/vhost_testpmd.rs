@@ -201,6 +201,17 @@ fn testpmd_frontend_exchanges_frames_with_a_remote_host_and_restarts() {
         "testpmd received {got} frames; backend {nonzero:?}"
     );
     assert_eq!(got, delivered, "testpmd counted what the backend wrote");
+    // The HCA wrote them straight into testpmd's buffers.
+    assert_eq!(
+        counter(&v.counters, "guest_rx_lent"),
+        delivered,
+        "{nonzero:?}"
+    );
+    assert_eq!(
+        counter(&v.counters, "rx_zero_copy"),
+        delivered,
+        "{nonzero:?}"
+    );
 
     // testpmd again, now sending IPv4/UDP to 198.18.0.2 (Ethernet
     // broadcast: the broadcast group); host a's kernel receives them.

@@ -872,6 +872,10 @@ impl Device {
             );
         }
         self.fw.after_command(&iommu_guard, &mut fx);
+        // Interrupts the command's side effects raised (the completion
+        // events of WQEs a QP's move to ERR flushed) go now too: one of
+        // them may have disarmed the EQ before the completion EQE came.
+        fx.fire.append(&mut self.fw.pending_fx.fire);
         if matches!(opcode, 0x108 | 0x105 | 0x103) {
             // Mirror for the unmap check made on the driver's thread.
             *lock(&self.shared.held_pages) = self.fw.page_set();
