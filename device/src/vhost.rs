@@ -2019,6 +2019,87 @@ mod tests {
     }
 
     #[test]
+    fn receive_buffers_are_lent_filled_and_given_back() {
+        let mut r = Rig::new(feature::VERSION_1 | feature::MRG_RXBUF);
+        let port = r.port();
+        let mut sges = [Sge {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        }; 4];
+        // No window: nothing is lent.
+        assert_eq!(port.rx_ready(), None);
+        assert_eq!(port.lend_rx(12, &mut sges), Lend::Refused);
+        lock(&r.device).window = Some(Window {
+            key: 0x0012_345A,
+            regions: vec![
+                (LOW.0, LOW.1 as u64, Iova(0x10_0000)),
+                (HIGH.0, HIGH.1 as u64, Iova(0x20_0000)),
+            ],
+        });
+        assert_eq!(port.rx_ready(), Some(true), "mergeable buffers");
+        assert_eq!(port.lend_rx(12, &mut sges), Lend::Empty);
+        // A two-descriptor chain (100 + 1400 bytes) and a one-descriptor one.
+        r.desc(RXQ, 5, 0x9000, 100, WRITE | NEXT, 6);
+        r.desc(RXQ, 6, 0x2_2000, 1400, WRITE, 0);
+        r.desc(RXQ, 7, 0xA000, 1500, WRITE, 0);
+        r.offer(RXQ, 5);
+        r.offer(RXQ, 7);
+        assert_eq!(port.lend_rx(12, &mut sges), Lend::Lent(5, 2, 1500));
+        assert_eq!(
+            (sges[0].addr, sges[0].len, sges[0].lkey),
+            (0x10_0000 + 0x9000, 100, 0x0012_345A)
+        );
+        assert_eq!((sges[1].addr, sges[1].len), (0x20_0000 + 0x2000, 1400));
+        // Smaller than asked for: left to the copy.
+        assert_eq!(port.lend_rx(4096, &mut sges), Lend::Refused);
+        assert_eq!(port.lend_rx(12, &mut sges), Lend::Lent(7, 1, 1500));
+        assert_eq!(r.used_idx(RXQ), 0, "lent, not used");
+
+        // "The HCA wrote" 1800 bytes across both; the backend adds the
+        // virtio-net header (num_buffers 2, DATA_VALID dropped: the guest
+        // did not ack GUEST_CSUM) and the chains go on the used ring.
+        let frame: Vec<u8> = (0..1800u32).map(|k| (k % 251) as u8).collect();
+        assert!(port.rx_write(5, 12, &frame[..1488]));
+        assert!(port.rx_write(7, 0, &frame[1488..]));
+        let mut back = vec![0u8; 1488];
+        assert!(port.rx_read(5, 12, &mut back));
+        assert_eq!(&back[..], &frame[..1488]);
+        assert!(!port.rx_write(5, 1400, &[0u8; 200]), "past the chain's end");
+        let mut hdr = [0u8; HDR_LEN];
+        hdr[0] = crate::vnet::F_DATA_VALID;
+        assert!(port.rx_done(hdr, &[(5, 1500), (7, 312)]));
+        let mut h = [0u8; HDR_LEN];
+        r.mem.read_slice(&mut h, GuestAddress(0x9000)).unwrap();
+        assert_eq!(h[0], 0, "no DATA_VALID for a guest that did not ask");
+        assert_eq!(&h[10..12], &2u16.to_le_bytes(), "num_buffers");
+        let mut tail = [0u8; 312];
+        r.mem.read_slice(&mut tail, GuestAddress(0xA000)).unwrap();
+        assert_eq!(&tail[..], &frame[1488..]);
+        assert_eq!((r.used(RXQ, 0), r.used(RXQ, 1)), ((5, 1500), (7, 312)));
+        assert_eq!(r.counters().rx_lent, 1);
+        // Used chains are the guest's again: writes to them fail.
+        assert!(!port.rx_write(5, 0, &[1]));
+        assert!(!port.rx_done(hdr, &[(5, 10)]), "not lent any more");
+        assert_eq!(r.used_idx(RXQ), 2);
+
+        // A chain given back unused is lent again before the ring's next;
+        // at a ring stop it goes to the guest empty.
+        r.desc(RXQ, 8, 0xB000, 1500, WRITE, 0);
+        r.offer(RXQ, 8);
+        assert_eq!(port.lend_rx(12, &mut sges), Lend::Lent(8, 1, 1500));
+        port.rx_return(8);
+        port.rx_return(8);
+        port.rx_return(9);
+        assert_eq!(port.lend_rx(12, &mut sges), Lend::Lent(8, 1, 1500));
+        port.rx_return(8);
+        lock(&r.device).get_vring_base(RXQ as u32).unwrap();
+        assert_eq!(r.used_idx(RXQ), 3);
+        assert_eq!(r.used(RXQ, 2), (8, 0));
+        assert_eq!(port.rx_ready(), None, "the ring stopped");
+    }
+
+    #[test]
     fn too_small_buffers_without_mergeable_rx_are_kept_for_later() {
         let mut r = Rig::new(feature::VERSION_1);
         let port = r.port();
