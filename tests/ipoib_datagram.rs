@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ipoib_device::engine::datagram::DropReason;
 use ipoib_device::engine::eth::Mac;
 use ipoib_device::engine::mgid;
-use ipoib_device::link::{GuestConfig, HostPort, Link};
+use ipoib_device::link::{GuestConfig, HostPort, Lend, Link};
 use ipoib_sim::{Fabric, FabricConfig, SimConfig, SimHca};
 use mlx5_driver::Hca;
 use mlx5_driver::transport::tun::VNET_HDR_LEN_MRG;
@@ -681,10 +681,40 @@ struct Lender {
     from_link: RefCell<Vec<Vec<u8>>>,
     given_back: RefCell<Vec<u16>>,
     next: RefCell<u16>,
+    /// Receive buffers not lent (indices).
+    rx_free: RefCell<Vec<u16>>,
 }
 
 /// Where frame `token` sits in the guest's memory.
 const LENT_STRIDE: usize = 8192;
+/// The guest's receive buffers: 256 of 2 KiB after the frames.
+const RX_AREA: usize = 16 * LENT_STRIDE;
+const RX_BUF_LEN: usize = 2048;
+const RX_TOKEN: u16 = 0x8000;
+
+impl Lender {
+    fn new() -> Rc<Lender> {
+        Rc::new(Lender {
+            mem: Arc::new(vm_memory::MmapRegion::<()>::new(RX_AREA + 256 * RX_BUF_LEN).unwrap()),
+            window: RefCell::new(None),
+            to_link: RefCell::new(VecDeque::new()),
+            from_link: RefCell::new(Vec::new()),
+            given_back: RefCell::new(Vec::new()),
+            next: RefCell::new(0),
+            rx_free: RefCell::new((0..256).rev().collect()),
+        })
+    }
+
+    /// Where receive buffer `token` is in the guest's memory.
+    fn rx_at(token: u16) -> Option<usize> {
+        let k = usize::from(token.checked_sub(RX_TOKEN)?);
+        (k < 256).then_some(RX_AREA + k * RX_BUF_LEN)
+    }
+
+    fn rx_lent(&self) -> usize {
+        256 - self.rx_free.borrow().len()
+    }
+}
 
 /// The interface's handle on a [`Lender`].
 struct LenderPort(Rc<Lender>);
@@ -709,9 +739,12 @@ impl HostPort for LenderPort {
             .borrow_mut()
             .pop_front()
             .ok_or(io::ErrorKind::WouldBlock)?;
-        let Some(w) = self.0.window.borrow().clone() else {
-            buf[..frame.len()].copy_from_slice(&frame);
-            return Ok(Received::Copied(frame.len()));
+        let w = match self.0.window.borrow().clone() {
+            Some(w) if !head.is_empty() => w,
+            _ => {
+                buf[..frame.len()].copy_from_slice(&frame);
+                return Ok(Received::Copied(frame.len()));
+            }
         };
         let token = {
             let mut n = self.0.next.borrow_mut();
@@ -757,6 +790,77 @@ impl HostPort for LenderPort {
         self.give_back(token);
         ok
     }
+
+    fn rx_ready(&self) -> Option<bool> {
+        self.0.window.borrow().is_some().then_some(true)
+    }
+
+    fn lend_rx(&self, min_cap: u32, out: &mut [mlx5_driver::layout::wqe::Sge]) -> Lend {
+        let Some(w) = self.0.window.borrow().clone() else {
+            return Lend::Refused;
+        };
+        if min_cap as usize > RX_BUF_LEN {
+            return Lend::Refused;
+        }
+        let Some(k) = self.0.rx_free.borrow_mut().pop() else {
+            return Lend::Empty;
+        };
+        out[0] = mlx5_driver::layout::wqe::Sge {
+            addr: w.regions[0].0.0 + (RX_AREA + usize::from(k) * RX_BUF_LEN) as u64,
+            len: RX_BUF_LEN as u32,
+            lkey: w.key,
+        };
+        Lend::Lent(RX_TOKEN + k, 1, RX_BUF_LEN as u32)
+    }
+
+    fn rx_read(&self, token: u16, off: usize, out: &mut [u8]) -> bool {
+        use vm_memory::{Bytes, VolatileMemory};
+        let Some(at) = Lender::rx_at(token).filter(|_| off + out.len() <= RX_BUF_LEN) else {
+            return false;
+        };
+        self.0
+            .mem
+            .as_volatile_slice()
+            .read_slice(out, at + off)
+            .is_ok()
+    }
+
+    fn rx_write(&self, token: u16, off: usize, data: &[u8]) -> bool {
+        use vm_memory::{Bytes, VolatileMemory};
+        let Some(at) = Lender::rx_at(token).filter(|_| off + data.len() <= RX_BUF_LEN) else {
+            return false;
+        };
+        self.0
+            .mem
+            .as_volatile_slice()
+            .write_slice(data, at + off)
+            .is_ok()
+    }
+
+    /// The guest reads the frame out of its buffers and posts them again.
+    fn rx_done(&self, hdr: [u8; VNET_HDR_LEN_MRG], used: &[(u16, u32)]) -> bool {
+        if !self.rx_write(used[0].0, 0, &hdr) {
+            return false;
+        }
+        let mut frame = Vec::new();
+        for &(token, len) in used {
+            let mut b = vec![0u8; len as usize];
+            assert!(self.rx_read(token, 0, &mut b));
+            frame.extend_from_slice(&b);
+            self.0.rx_free.borrow_mut().push(token - RX_TOKEN);
+        }
+        assert_eq!(
+            u16::from_le_bytes([frame[10], frame[11]]) as usize,
+            used.len(),
+            "num_buffers"
+        );
+        self.0.from_link.borrow_mut().push(frame);
+        true
+    }
+
+    fn rx_return(&self, token: u16) {
+        self.0.rx_free.borrow_mut().push(token - RX_TOKEN);
+    }
 }
 
 /// Zero copy: a guest's large frames are sent by the HCA from the guest's
@@ -773,15 +877,8 @@ fn guest_frames_are_sent_from_guest_memory() {
     let b4 = Ipv4Addr::new(10, 7, 0, 2);
     let mut a = Host::new(&fabric, 0x0002_c903_0000_4a00, &[a4.into()]);
     let mut b = Host::new(&fabric, 0x0002_c903_0000_4b00, &[b4.into()]);
-    let mem = Arc::new(vm_memory::MmapRegion::<()>::new(16 * LENT_STRIDE).unwrap());
-    let g = Rc::new(Lender {
-        mem: mem.clone(),
-        window: RefCell::new(None),
-        to_link: RefCell::new(VecDeque::new()),
-        from_link: RefCell::new(Vec::new()),
-        given_back: RefCell::new(Vec::new()),
-        next: RefCell::new(0),
-    });
+    let g = Lender::new();
+    let mem = g.mem.clone();
     let id = b
         .link
         .add_guest(
@@ -862,6 +959,113 @@ fn guest_frames_are_sent_from_guest_memory() {
     // The window goes with its mapping; then with the endpoint.
     b.link.unmap_guest_memory(id).unwrap();
     assert_eq!(b.dev.report().mappings, mappings);
+    assert!(b.link.remove_guest(id).is_empty());
+    a.finish();
+    b.finish();
+}
+
+/// Zero copy on receive: once the guest's memory is mapped and the
+/// endpoint resumed, its receive WQEs point into buffers the guest lent;
+/// the HCA writes packets there and the backend adds the virtio-net and
+/// Ethernet headers (an ARP reply is rewritten in place). Quiescing takes
+/// every lent buffer back (the QP's ERR/RESET/RTS cycle), and after
+/// resuming packets arrive again, on the same QPN.
+#[test]
+fn frames_for_a_guest_land_in_its_memory() {
+    use mlx5_driver::transport::{DmaBacking, DmaMem};
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (a4, g4) = (Ipv4Addr::new(10, 8, 0, 1), Ipv4Addr::new(10, 8, 0, 9));
+    let mut a = Host::new(&fabric, 0x0002_c903_0000_6a00, &[a4.into()]);
+    let mut b = Host::new(
+        &fabric,
+        0x0002_c903_0000_6b00,
+        &[Ipv4Addr::new(10, 8, 0, 2).into()],
+    );
+    let g = Lender::new();
+    let id = b
+        .link
+        .add_guest(
+            GuestConfig {
+                mac: GUEST_MAC,
+                learn_mac: false,
+                allowed: vec![g4.into()],
+                zero_copy: true,
+            },
+            Box::new(LenderPort(g.clone())),
+        )
+        .unwrap();
+    let qpn = b.link.guest(id).unwrap().hw.qpn();
+    let backing: Arc<dyn DmaBacking> = g.mem.clone();
+    let w = b
+        .link
+        .map_guest_memory(id, &[DmaMem::new(backing, 0, g.mem.len()).unwrap()])
+        .unwrap();
+    *g.window.borrow_mut() = Some(w);
+    assert!(b.link.quiesce_guest(id));
+    b.link.resume_guest(id);
+    // 64 WQEs of three 2 KiB buffers each (room for a 4 KiB MTU).
+    assert_eq!(g.rx_lent(), 64 * 3);
+
+    // ARP: the reply is written into the guest's buffers and rewritten
+    // there into Ethernet ARP.
+    let req = eth_arp(1, GUEST_MAC, g4, Mac::default(), a4);
+    let f = eth_frame(Mac::BROADCAST, GUEST_MAC, 0x0806, &req);
+    g.to_link.borrow_mut().push_back((f, Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.from_link.borrow().is_empty() && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let reply = g.from_link.borrow()[0][VNET_HDR_LEN_MRG..].to_vec();
+    assert_eq!(&reply[0..6], &GUEST_MAC.0);
+    assert_eq!(&reply[12..14], &[0x08, 0x06]);
+    assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&reply[28..32], &a4.octets());
+    assert_eq!(reply.len(), 60, "padded to the minimum");
+    let remac = Mac(reply[22..28].try_into().unwrap());
+
+    // 1400 bytes of UDP from a: in the guest's buffers, behind an
+    // Ethernet header from a's synthetic MAC.
+    let big = udp4(a4, g4, &[0xA5; 1372]);
+    a.send_ip(&big);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.from_link.borrow().len() < 2 && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let f = g.from_link.borrow()[1].clone();
+    assert_eq!(&f[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + 6], &GUEST_MAC.0);
+    assert_eq!(&f[VNET_HDR_LEN_MRG + 6..VNET_HDR_LEN_MRG + 12], &remac.0);
+    assert_eq!(&f[VNET_HDR_LEN_MRG + 14..], &big[..], "the packet, whole");
+    let c = b.link.guest(id).unwrap().counters;
+    assert_eq!((c.rx_zero_copy, c.rx_delivered), (2, 2));
+
+    // Quiescing gives every buffer back; resuming lends them again and
+    // traffic flows on the same QPN.
+    assert!(b.link.quiesce_guest(id));
+    assert_eq!(g.rx_lent(), 0, "every lent buffer came back");
+    b.link.resume_guest(id);
+    assert_eq!(g.rx_lent(), 64 * 3);
+    assert_eq!(b.link.guest(id).unwrap().hw.qpn(), qpn);
+    let again = udp4(a4, g4, b"after the restart");
+    a.send_ip(&again);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.from_link.borrow().len() < 3 && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let f = g.from_link.borrow()[2].clone();
+    assert_eq!(
+        &f[VNET_HDR_LEN_MRG + 14..VNET_HDR_LEN_MRG + 14 + again.len()],
+        &again[..]
+    );
+    assert_eq!(b.link.guest(id).unwrap().counters.rx_zero_copy, 3);
+
+    assert!(b.link.quiesce_guest(id));
+    b.link.unmap_guest_memory(id).unwrap();
+    b.link.resume_guest(id);
+    assert_eq!(
+        g.rx_lent(),
+        0,
+        "without the window the endpoint's own buffers"
+    );
     assert!(b.link.remove_guest(id).is_empty());
     a.finish();
     b.finish();

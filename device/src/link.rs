@@ -2190,6 +2190,8 @@ impl Endpoint {
                 if s.csum_ok {
                     hdr[0] = vnet::F_DATA_VALID;
                 }
+                // num_buffers: the buffers the frame spans.
+                hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
                 if port.rx_done(hdr, &used[..n]) {
                     self.counters.rx_delivered += 1;
                     self.counters.rx_zero_copy += 1;
