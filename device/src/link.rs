@@ -308,6 +308,14 @@ struct Slot {
     lent: Option<Lent>,
 }
 
+impl Slot {
+    /// End of the bytes in the pool buffer: the packet's, or a lent
+    /// packet's copied head.
+    fn here(&self) -> usize {
+        self.lent.as_ref().map_or(self.end, |l| l.head)
+    }
+}
+
 /// The Ethernet side of a guest's endpoint.
 struct Guest {
     tr: Translator,
@@ -2409,7 +2417,8 @@ impl Endpoint {
         let ty = payload.ethertype();
         let (plan, len, lent) = match &payload {
             Payload::Host(p, _) => {
-                let s = self.slots[*p];
+                // Slots are read in place: a lent packet's is large.
+                let s = &self.slots[*p];
                 if s.end < s.start + VNET_HDR_LEN_MRG {
                     // Lost when it was taken back from a guest.
                     self.counters.tx_errors += 1;
@@ -2417,12 +2426,11 @@ impl Endpoint {
                     return;
                 }
                 // What is in the pool: all of it, or a lent packet's head.
-                let here = s.lent.map_or(s.end, |l| l.head);
-                let b = &self.pool[*p][s.start..here];
+                let b = &self.pool[*p][s.start..s.here()];
                 let hdr = VnetHdr::parse(b).unwrap_or_default();
                 let packet = &b[VNET_HDR_LEN_MRG.min(b.len())..];
                 let len = s.end - s.start - VNET_HDR_LEN_MRG;
-                (vnet::plan(&hdr, packet), len, s.lent)
+                (vnet::plan(&hdr, packet), len, s.lent.as_ref().map(|l| l.token))
             }
             Payload::Control(c) => (Ok(TxPlan::Plain), c.bytes().len(), None),
         };
@@ -2492,9 +2500,8 @@ impl Endpoint {
             (Payload::Host(p, _), TxPlan::Lso { mss, headers, v4 }) => {
                 // The headers go inline in the WQE; the gather list holds
                 // the TCP payload only.
-                let s = self.slots[*p];
-                let here = s.lent.map_or(s.end, |l| l.head);
-                let pkt = &self.pool[*p][s.start + VNET_HDR_LEN_MRG..here];
+                let s = &self.slots[*p];
+                let pkt = &self.pool[*p][s.start + VNET_HDR_LEN_MRG..s.here()];
                 inline[..hdr.len()].copy_from_slice(&hdr);
                 inline[hdr.len()..hdr.len() + headers].copy_from_slice(&pkt[..headers]);
                 let data = &pkt[headers..pkt.len().min(headers + TX_SLOT)];
@@ -2515,10 +2522,9 @@ impl Endpoint {
                 tx.write(base, &hdr);
                 let body: &[u8] = match payload {
                     Payload::Host(p, _) => {
-                        let s = self.slots[*p];
+                        let s = &self.slots[*p];
                         let from = s.start + VNET_HDR_LEN_MRG;
-                        let here = s.lent.map_or(s.end, |l| l.head);
-                        &self.pool[*p][from..here.min(from + TX_SLOT - hdr.len())]
+                        &self.pool[*p][from..s.here().min(from + TX_SLOT - hdr.len())]
                     }
                     Payload::Control(c) => c.bytes(),
                 };
@@ -2541,7 +2547,9 @@ impl Endpoint {
                 }
             }
         };
-        if let Some(l) = lent {
+        if let Payload::Host(p, _) = &payload
+            && let Some(l) = self.slots[*p].lent.as_ref()
+        {
             for sge in &l.sges[..l.n.min(MAX_LENT)] {
                 put(*sge);
             }
@@ -2555,7 +2563,7 @@ impl Endpoint {
         match posted {
             Ok(_) => {
                 // The doorbell is rung once for the batch (run_actions).
-                self.tx_inflight.push_back((slot, lent.map(|l| l.token)));
+                self.tx_inflight.push_back((slot, lent));
                 self.counters.tx_packets += 1;
                 self.counters.tx_bytes += len as u64 + hdr.len() as u64;
                 if let Payload::Host(p, _) = &payload
