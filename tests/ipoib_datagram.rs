@@ -863,22 +863,11 @@ impl HostPort for LenderPort {
     }
 }
 
-/// Zero copy: a guest's large frames are sent by the HCA from the guest's
-/// memory, mapped at a window of its own. The headers travel from the
-/// copy the interface checked (what the guest's memory holds there does
-/// not matter), the rest from the guest's buffer, which comes back when
-/// the send completes; a frame waiting for a path when the guest stops is
-/// copied in and given back at once; the window goes with the endpoint.
-#[test]
-fn guest_frames_are_sent_from_guest_memory() {
+/// A guest on `b` whose memory is mapped for the HCA (one window), sending
+/// from `g4`.
+fn lending_guest(b: &mut Host, g4: Ipv4Addr) -> (usize, Rc<Lender>) {
     use mlx5_driver::transport::{DmaBacking, DmaMem};
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
-    let (a4, g4) = (Ipv4Addr::new(10, 7, 0, 1), Ipv4Addr::new(10, 7, 0, 9));
-    let b4 = Ipv4Addr::new(10, 7, 0, 2);
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_4a00, &[a4.into()]);
-    let mut b = Host::new(&fabric, 0x0002_c903_0000_4b00, &[b4.into()]);
     let g = Lender::new();
-    let mem = g.mem.clone();
     let id = b
         .link
         .add_guest(
@@ -892,27 +881,53 @@ fn guest_frames_are_sent_from_guest_memory() {
         )
         .unwrap();
     let mappings = b.dev.report().mappings;
-    let backing: Arc<dyn DmaBacking> = mem.clone();
+    let backing: Arc<dyn DmaBacking> = g.mem.clone();
     let w = b
         .link
-        .map_guest_memory(id, &[DmaMem::new(backing, 0, mem.len()).unwrap()])
+        .map_guest_memory(id, &[DmaMem::new(backing, 0, g.mem.len()).unwrap()])
         .unwrap();
     assert_eq!(b.dev.report().mappings, mappings + 1, "one window");
     assert_eq!(w.regions.len(), 1);
     *g.window.borrow_mut() = Some(w);
+    (id, g)
+}
 
-    // ARP first (copied: the lender copies when it has no window).
-    let window = g.window.replace(None);
-    let req = eth_arp(1, GUEST_MAC, g4, Mac::default(), a4);
+/// The lending guest asks for `ip` by ARP (a copied frame); returns the
+/// answer as it reached the guest.
+fn lender_arp(a: &mut Host, b: &mut Host, g: &Lender, g4: Ipv4Addr, ip: Ipv4Addr) -> Vec<u8> {
+    let seen = g.from_link.borrow().len();
+    let req = eth_arp(1, GUEST_MAC, g4, Mac::default(), ip);
     let f = eth_frame(Mac::BROADCAST, GUEST_MAC, 0x0806, &req);
     g.to_link.borrow_mut().push_back((f, Vec::new()));
+    lender_until(a, b, g, seen + 1);
+    g.from_link.borrow()[seen][VNET_HDR_LEN_MRG..].to_vec()
+}
+
+/// Runs both hosts until the lending guest has `n` frames (or 5 s pass).
+fn lender_until(a: &mut Host, b: &mut Host, g: &Lender, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while g.from_link.borrow().is_empty() && Instant::now() < deadline {
-        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    while g.from_link.borrow().len() < n && Instant::now() < deadline {
+        run(&mut [a, b], Duration::from_millis(5));
     }
-    let reply = g.from_link.borrow()[0][VNET_HDR_LEN_MRG..].to_vec();
+}
+
+/// Zero copy: a guest's large frames are sent by the HCA from the guest's
+/// memory, mapped at a window of its own. The headers travel from the
+/// copy the interface checked (what the guest's memory holds there does
+/// not matter), the rest from the guest's buffer, which comes back when
+/// the send completes; a frame waiting for a path when the guest stops is
+/// copied in and given back at once; the window goes with the endpoint.
+#[test]
+fn guest_frames_are_sent_from_guest_memory() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (a4, g4) = (Ipv4Addr::new(10, 7, 0, 1), Ipv4Addr::new(10, 7, 0, 9));
+    let b4 = Ipv4Addr::new(10, 7, 0, 2);
+    let mut a = Host::new(&fabric, 0x0002_c903_0000_4a00, &[a4.into()]);
+    let mut b = Host::new(&fabric, 0x0002_c903_0000_4b00, &[b4.into()]);
+    let before = b.dev.report().mappings;
+    let (id, g) = lending_guest(&mut b, g4);
+    let reply = lender_arp(&mut a, &mut b, &g, g4, a4);
     let remac = Mac(reply[22..28].try_into().unwrap());
-    *g.window.borrow_mut() = window;
 
     // A 1400-byte UDP packet, lent with a 268-byte head. The guest's
     // memory holds a forged source address where the head was copied
@@ -958,8 +973,8 @@ fn guest_frames_are_sent_from_guest_memory() {
 
     // The window goes with its mapping; then with the endpoint.
     b.link.unmap_guest_memory(id).unwrap();
-    assert_eq!(b.dev.report().mappings, mappings);
     assert!(b.link.remove_guest(id).is_empty());
+    assert_eq!(b.dev.report().mappings, before, "nothing left mapped");
     a.finish();
     b.finish();
 }
@@ -972,7 +987,6 @@ fn guest_frames_are_sent_from_guest_memory() {
 /// resuming packets arrive again, on the same QPN.
 #[test]
 fn frames_for_a_guest_land_in_its_memory() {
-    use mlx5_driver::transport::{DmaBacking, DmaMem};
     let fabric = Fabric::new(FabricConfig::default()).unwrap();
     let (a4, g4) = (Ipv4Addr::new(10, 8, 0, 1), Ipv4Addr::new(10, 8, 0, 9));
     let mut a = Host::new(&fabric, 0x0002_c903_0000_6a00, &[a4.into()]);
@@ -981,26 +995,8 @@ fn frames_for_a_guest_land_in_its_memory() {
         0x0002_c903_0000_6b00,
         &[Ipv4Addr::new(10, 8, 0, 2).into()],
     );
-    let g = Lender::new();
-    let id = b
-        .link
-        .add_guest(
-            GuestConfig {
-                mac: GUEST_MAC,
-                learn_mac: false,
-                allowed: vec![g4.into()],
-                zero_copy: true,
-            },
-            Box::new(LenderPort(g.clone())),
-        )
-        .unwrap();
+    let (id, g) = lending_guest(&mut b, g4);
     let qpn = b.link.guest(id).unwrap().hw.qpn();
-    let backing: Arc<dyn DmaBacking> = g.mem.clone();
-    let w = b
-        .link
-        .map_guest_memory(id, &[DmaMem::new(backing, 0, g.mem.len()).unwrap()])
-        .unwrap();
-    *g.window.borrow_mut() = Some(w);
     assert!(b.link.quiesce_guest(id));
     b.link.resume_guest(id);
     // 64 WQEs of three 2 KiB buffers each (room for a 4 KiB MTU).
@@ -1008,14 +1004,7 @@ fn frames_for_a_guest_land_in_its_memory() {
 
     // ARP: the reply is written into the guest's buffers and rewritten
     // there into Ethernet ARP.
-    let req = eth_arp(1, GUEST_MAC, g4, Mac::default(), a4);
-    let f = eth_frame(Mac::BROADCAST, GUEST_MAC, 0x0806, &req);
-    g.to_link.borrow_mut().push_back((f, Vec::new()));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.from_link.borrow().is_empty() && Instant::now() < deadline {
-        run(&mut [&mut a, &mut b], Duration::from_millis(5));
-    }
-    let reply = g.from_link.borrow()[0][VNET_HDR_LEN_MRG..].to_vec();
+    let reply = lender_arp(&mut a, &mut b, &g, g4, a4);
     assert_eq!(&reply[0..6], &GUEST_MAC.0);
     assert_eq!(&reply[12..14], &[0x08, 0x06]);
     assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
@@ -1027,10 +1016,7 @@ fn frames_for_a_guest_land_in_its_memory() {
     // Ethernet header from a's synthetic MAC.
     let big = udp4(a4, g4, &[0xA5; 1372]);
     a.send_ip(&big);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.from_link.borrow().len() < 2 && Instant::now() < deadline {
-        run(&mut [&mut a, &mut b], Duration::from_millis(5));
-    }
+    lender_until(&mut a, &mut b, &g, 2);
     let f = g.from_link.borrow()[1].clone();
     assert_eq!(&f[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + 6], &GUEST_MAC.0);
     assert_eq!(&f[VNET_HDR_LEN_MRG + 6..VNET_HDR_LEN_MRG + 12], &remac.0);
@@ -1047,10 +1033,7 @@ fn frames_for_a_guest_land_in_its_memory() {
     assert_eq!(b.link.guest(id).unwrap().hw.qpn(), qpn);
     let again = udp4(a4, g4, b"after the restart");
     a.send_ip(&again);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.from_link.borrow().len() < 3 && Instant::now() < deadline {
-        run(&mut [&mut a, &mut b], Duration::from_millis(5));
-    }
+    lender_until(&mut a, &mut b, &g, 3);
     let f = g.from_link.borrow()[2].clone();
     assert_eq!(
         &f[VNET_HDR_LEN_MRG + 14..VNET_HDR_LEN_MRG + 14 + again.len()],

@@ -2016,32 +2016,8 @@ impl Endpoint {
                 rx.read(i * RX_BUF + 44, &mut p[data..data + body]);
             }
             self.post_rx(i);
-            let has_grh = c.grh();
-            let multicast = has_grh && grh[24] == 0xFF;
             let ty = u16::from_be_bytes([hdr[0], hdr[1]]);
-            let mut sgid = [0u8; 16];
-            sgid.copy_from_slice(&grh[8..24]);
-            self.slots[slot] = Slot {
-                start,
-                end: data + body,
-                ty,
-                csum_ok: c.ip_csum_ok(),
-                lent: None,
-                from: Some(Sender {
-                    slid: c.slid,
-                    sqpn: c.src_qpn(),
-                    sgid: has_grh.then_some(sgid),
-                    multicast,
-                }),
-            };
-            let src = Source {
-                slid: c.slid,
-                sqpn: c.src_qpn(),
-                multicast,
-            };
-            let bytes = &self.pool[slot][data..data + body];
-            self.engine
-                .receive(src, ty, bytes, slot, now, &mut self.out);
+            self.take_in(slot, c, &grh, ty, start, body, body, now);
         }
         if let Some(qp) = self.qp.as_mut() {
             qp.ring_rq();
@@ -2110,10 +2086,30 @@ impl Endpoint {
             return;
         }
         held.len = peek;
+        self.slot_rx[slot] = held;
+        self.take_in(slot, c, &grh, ty, start, body, peek, now);
+    }
+
+    /// Hands a received packet in pool buffer `slot` (its IPoIB payload
+    /// of `body` bytes from `start` + the virtio-net header on, the first
+    /// `peek` of them there) to the engine, noting who sent it.
+    #[allow(clippy::too_many_arguments)]
+    fn take_in(
+        &mut self,
+        slot: usize,
+        c: &Cqe,
+        grh: &[u8; 40],
+        ty: u16,
+        start: usize,
+        body: usize,
+        peek: usize,
+        now: Instant,
+    ) {
         let has_grh = c.grh();
         let multicast = has_grh && grh[24] == 0xFF;
         let mut sgid = [0u8; 16];
         sgid.copy_from_slice(&grh[8..24]);
+        let data = start + VNET_HDR_LEN_MRG;
         self.slots[slot] = Slot {
             start,
             end: data + body,
@@ -2127,7 +2123,6 @@ impl Endpoint {
                 multicast,
             }),
         };
-        self.slot_rx[slot] = held;
         let src = Source {
             slid: c.slid,
             sqpn: c.src_qpn(),
@@ -2430,7 +2425,11 @@ impl Endpoint {
                 let hdr = VnetHdr::parse(b).unwrap_or_default();
                 let packet = &b[VNET_HDR_LEN_MRG.min(b.len())..];
                 let len = s.end - s.start - VNET_HDR_LEN_MRG;
-                (vnet::plan(&hdr, packet), len, s.lent.as_ref().map(|l| l.token))
+                (
+                    vnet::plan(&hdr, packet),
+                    len,
+                    s.lent.as_ref().map(|l| l.token),
+                )
             }
             Payload::Control(c) => (Ok(TxPlan::Plain), c.bytes().len(), None),
         };
