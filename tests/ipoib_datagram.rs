@@ -318,8 +318,13 @@ fn eth_arp(op: u16, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8>
 
 /// Runs both hosts until the guest has received `n` frames (or 5 s pass).
 fn until_guest_has(a: &mut Host, b: &mut Host, guest: &Queues, n: usize) {
+    until_frames(a, b, &guest.from_link, n);
+}
+
+/// Runs both hosts until `frames` holds `n` (or 5 s pass).
+fn until_frames(a: &mut Host, b: &mut Host, frames: &RefCell<Vec<Vec<u8>>>, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while guest.from_link.borrow().len() < n && Instant::now() < deadline {
+    while frames.borrow().len() < n && Instant::now() < deadline {
         run(&mut [a, b], Duration::from_millis(5));
     }
 }
@@ -899,16 +904,8 @@ fn lender_arp(a: &mut Host, b: &mut Host, g: &Lender, g4: Ipv4Addr, ip: Ipv4Addr
     let req = eth_arp(1, GUEST_MAC, g4, Mac::default(), ip);
     let f = eth_frame(Mac::BROADCAST, GUEST_MAC, 0x0806, &req);
     g.to_link.borrow_mut().push_back((f, Vec::new()));
-    lender_until(a, b, g, seen + 1);
+    until_frames(a, b, &g.from_link, seen + 1);
     g.from_link.borrow()[seen][VNET_HDR_LEN_MRG..].to_vec()
-}
-
-/// Runs both hosts until the lending guest has `n` frames (or 5 s pass).
-fn lender_until(a: &mut Host, b: &mut Host, g: &Lender, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.from_link.borrow().len() < n && Instant::now() < deadline {
-        run(&mut [a, b], Duration::from_millis(5));
-    }
 }
 
 /// Zero copy: a guest's large frames are sent by the HCA from the guest's
@@ -1016,7 +1013,7 @@ fn frames_for_a_guest_land_in_its_memory() {
     // Ethernet header from a's synthetic MAC.
     let big = udp4(a4, g4, &[0xA5; 1372]);
     a.send_ip(&big);
-    lender_until(&mut a, &mut b, &g, 2);
+    until_frames(&mut a, &mut b, &g.from_link, 2);
     let f = g.from_link.borrow()[1].clone();
     assert_eq!(&f[VNET_HDR_LEN_MRG..VNET_HDR_LEN_MRG + 6], &GUEST_MAC.0);
     assert_eq!(&f[VNET_HDR_LEN_MRG + 6..VNET_HDR_LEN_MRG + 12], &remac.0);
@@ -1033,7 +1030,7 @@ fn frames_for_a_guest_land_in_its_memory() {
     assert_eq!(b.link.guest(id).unwrap().hw.qpn(), qpn);
     let again = udp4(a4, g4, b"after the restart");
     a.send_ip(&again);
-    lender_until(&mut a, &mut b, &g, 3);
+    until_frames(&mut a, &mut b, &g.from_link, 3);
     let f = g.from_link.borrow()[2].clone();
     assert_eq!(
         &f[VNET_HDR_LEN_MRG + 14..VNET_HDR_LEN_MRG + 14 + again.len()],

@@ -598,52 +598,42 @@ impl<T: Transport> Link<T> {
                 errors.push(format!("{what}: {e}"));
             }
         };
+        let text = |e: &dyn std::fmt::Display| e.to_string();
         if let Some(qp) = p.qp.take() {
-            note(
-                "destroying a QP",
-                qp.destroy(hca).map_err(|e| e.to_string()),
-            );
+            note("destroying a QP", qp.destroy(hca).map_err(|e| text(&e)));
         }
         for cq in [p.scq.take(), p.rcq.take()].into_iter().flatten() {
-            note(
-                "destroying a CQ",
-                cq.destroy(hca).map_err(|e| e.to_string()),
-            );
+            note("destroying a CQ", cq.destroy(hca).map_err(|e| text(&e)));
         }
+        let mut keys = Vec::new();
+        let (mut window, mut pd) = (None, None);
         if let Some(mut d) = p.dom.take() {
             if let Some((w, key)) = d.window.take() {
-                note(
-                    "destroying a window key",
-                    hca.destroy_key(key).map_err(|e| e.to_string()),
-                );
-                note(
-                    "unmapping guest memory",
-                    hca.unmap_foreign(w).map_err(|e| e.to_string()),
-                );
+                keys.push(key);
+                window = Some(w);
             }
-            for key in [d.rx_key.take(), d.tx_key.take()].into_iter().flatten() {
-                note(
-                    "destroying a key",
-                    hca.destroy_key(key).map_err(|e| e.to_string()),
-                );
-            }
-            // The buffers go before their domain does.
-            for b in [p.rx.take(), p.tx.take()].into_iter().flatten() {
-                note(
-                    "freeing DMA memory",
-                    hca.free_dma(b).map_err(|e| e.to_string()),
-                );
-            }
+            keys.extend([d.rx_key.take(), d.tx_key.take()].into_iter().flatten());
+            pd = Some(d.pd);
+        }
+        // Keys first, then what they covered.
+        for key in keys {
             note(
-                "freeing a PD",
-                hca.dealloc_pd(d.pd).map_err(|e| e.to_string()),
+                "destroying a key",
+                hca.destroy_key(key).map_err(|e| text(&e)),
             );
         }
-        for b in [p.rx.take(), p.tx.take()].into_iter().flatten() {
+        if let Some(w) = window {
             note(
-                "freeing DMA memory",
-                hca.free_dma(b).map_err(|e| e.to_string()),
+                "unmapping guest memory",
+                hca.unmap_foreign(w).map_err(|e| text(&e)),
             );
+        }
+        // The buffers go before their domain does.
+        for b in [p.rx.take(), p.tx.take()].into_iter().flatten() {
+            note("freeing DMA memory", hca.free_dma(b).map_err(|e| text(&e)));
+        }
+        if let Some(pd) = pd {
+            note("freeing a PD", hca.dealloc_pd(pd).map_err(|e| text(&e)));
         }
         errors
     }
