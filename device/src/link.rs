@@ -1425,9 +1425,22 @@ impl<T: Transport> Link<T> {
                     read += 1;
                     ep.accept(slot, n, None, now);
                 }
-                Ok(Received::Lent(l)) => {
+                // A lent packet must make sense before anything slices it.
+                Ok(Received::Lent(l))
+                    if l.head > VNET_HDR_LEN_MRG
+                        && l.head <= l.len
+                        && l.len <= HOST_BUF
+                        && l.n <= MAX_LENT =>
+                {
                     read += 1;
                     ep.accept(slot, l.head, Some(l), now);
+                }
+                Ok(Received::Lent(l)) => {
+                    ep.counters.tx_errors += 1;
+                    ep.pool_free.push(slot);
+                    if let Some(g) = ep.guest.as_ref() {
+                        g.port.give_back(l.token);
+                    }
                 }
                 Ok(Received::Copied(_)) => ep.pool_free.push(slot),
                 Err(e) => {
@@ -2293,8 +2306,9 @@ impl Endpoint {
         for (slot, s) in self.slots.iter_mut().enumerate() {
             let Some(l) = s.lent.take() else { continue };
             let buf = &mut self.pool[slot];
-            let ok =
-                l.len <= buf.len() && g.port.copy_back(l.token, l.head, &mut buf[l.head..l.len]);
+            let ok = l.head <= l.len
+                && l.len <= buf.len()
+                && g.port.copy_back(l.token, l.head, &mut buf[l.head..l.len]);
             if !ok {
                 g.port.give_back(l.token);
                 s.end = 0;
