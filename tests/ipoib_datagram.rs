@@ -393,6 +393,26 @@ fn guest_vnic_talks_to_a_remote_host_through_the_translation() {
     assert_eq!(&f[14..14 + pong.len()], &pong[..]);
     assert_eq!(f.len(), 60.max(14 + pong.len()), "padded to the minimum");
 
+    // A packet larger than the MTU is dropped, and the guest told so by
+    // ICMP (fragmentation needed, MTU 2044) from the destination.
+    let big = ipv4(g4, a4, &[0x77; 3000]);
+    guest
+        .to_link
+        .borrow_mut()
+        .push_back(eth_frame(remac, GUEST_MAC, 0x0800, &big));
+    until_guest_has(&mut a, &mut b, &guest, 3);
+    let icmp = guest.from_link.borrow()[2][VNET_HDR_LEN_MRG..].to_vec();
+    assert_eq!(&icmp[0..6], &GUEST_MAC.0);
+    assert_eq!(&icmp[6..12], &remac.0);
+    assert_eq!(
+        &icmp[14 + 12..14 + 20],
+        &[a4.octets(), g4.octets()].concat()[..]
+    );
+    assert_eq!(&icmp[14 + 20..14 + 22], &[3, 4]);
+    assert_eq!(&icmp[14 + 26..14 + 28], &2044u16.to_be_bytes());
+    assert_eq!(&icmp[14 + 28..14 + 48], &big[..20], "quoting the packet");
+    assert_eq!(b.link.guest(id).unwrap().counters.tx_too_big, 1);
+
     // The guest may not send as someone else; the frame is counted.
     let forged = Mac([0x52, 0x54, 0, 0, 0, 0x66]);
     guest

@@ -2232,8 +2232,29 @@ impl Endpoint {
         // Ethernet, IP and transport headers. Those copies are what the
         // HCA sends, so the guest cannot change them after the checks.
         let frame = &p[VNET_HDR_LEN_MRG..n];
-        let result = g.tr.from_guest(frame, &mut g.scratch, now);
         let slot_end = lent.map_or(n, |l| l.len);
+        let result = g.tr.from_guest(frame, &mut g.scratch, now);
+        // Larger than the MTU (and not for the HCA to segment): the guest
+        // hears so by ICMP, as from a router, and lowers its PMTU.
+        let gso =
+            VnetHdr::parse(&p[..VNET_HDR_LEN_MRG]).is_some_and(|h| h.gso_type != vnet::GSO_NONE);
+        if matches!(result, Ok(GuestTx::Forward { .. }))
+            && !gso
+            && let Some(k) = g.tr.packet_too_big(
+                &p[VNET_HDR_LEN_MRG..n],
+                slot_end - VNET_HDR_LEN_MRG,
+                &mut g.scratch[VNET_HDR_LEN_MRG..],
+            )
+        {
+            self.counters.tx_too_big += 1;
+            g.scratch[..VNET_HDR_LEN_MRG].fill(0);
+            if let Err(e) = g.port.send(&g.scratch[..VNET_HDR_LEN_MRG + k]) {
+                tracing::debug!("writing an ICMP error to a guest: {e}");
+            }
+            self.slots[slot].lent = lent;
+            self.free_slot(slot);
+            return;
+        }
         match result {
             Ok(GuestTx::Forward { to, ethertype }) => {
                 // The virtio-net header moves to just before the IP packet,

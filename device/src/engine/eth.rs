@@ -58,6 +58,12 @@ const OPT_MTU: u8 = 5;
 const MAX_PENDING_LISTENS: usize = 64;
 /// IP protocol numbers.
 const PROTO_IGMP: u8 = 2;
+const PROTO_ICMP: u8 = 1;
+/// Bytes of the original packet an ICMPv4 error quotes: the error stays
+/// within 576 bytes (RFC 1812 §4.3.2.3).
+const ICMP4_QUOTE: usize = 576 - 20 - 8;
+/// The same for ICMPv6: within the IPv6 minimum MTU (RFC 4443 §2.4 (c)).
+const ICMP6_QUOTE: usize = 1280 - IPV6_HEADER - 8;
 const NEXT_HOP_BY_HOP: u8 = 0;
 
 /// A 48-bit Ethernet MAC address.
@@ -542,6 +548,81 @@ impl Translator {
             });
             at += 4 + addr_len * (1 + usize::from(ns)) + usize::from(aux) * 4;
         }
+    }
+
+    /// A guest frame whose IP packet is larger than the IPoIB MTU (`len`
+    /// bytes of frame in all, `frame` holding at least its headers) gets
+    /// the guest an ICMPv4 "fragmentation needed" (type 3 code 4, RFC
+    /// 1191) or ICMPv6 "packet too big" (type 2, RFC 8201) with the MTU,
+    /// from the packet's destination (ipoib.md §15.8): written into `out`
+    /// as an Ethernet frame, its length returned. `None` when the packet
+    /// fits, is not IP, goes to a multicast or broadcast destination, or
+    /// is itself an ICMP error.
+    pub fn packet_too_big(&self, frame: &[u8], len: usize, out: &mut [u8]) -> Option<usize> {
+        let (dst_mac, ty) = (Mac::at(frame, 0)?, be16(frame, 12)?);
+        let ip = frame.get(ETH_HLEN..)?;
+        if len.checked_sub(ETH_HLEN)? <= self.mtu as usize || dst_mac.is_multicast() {
+            return None;
+        }
+        let mut h = [0u8; IPV6_HEADER];
+        let (hdr_len, quote, msg) = match ty {
+            ethertype::IPV4 if ip.len() >= 20 && ip[0] >> 4 == 4 => {
+                let (src, dst) = (ipv4_at(ip, 12), ipv4_at(ip, 16));
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                let error = ip[9] == PROTO_ICMP && matches!(ip.get(ihl), Some(3 | 4 | 5 | 11 | 12));
+                if dst.is_multicast() || dst.is_broadcast() || error {
+                    return None;
+                }
+                let quote = ip.len().min(ICMP4_QUOTE);
+                h[0] = 0x45;
+                h[2..4].copy_from_slice(&((20 + 8 + quote) as u16).to_be_bytes());
+                h[8] = 64;
+                h[9] = PROTO_ICMP;
+                h[12..16].copy_from_slice(&dst.octets());
+                h[16..20].copy_from_slice(&src.octets());
+                let sum = ones_complement(&[&h[..20]]);
+                h[10..12].copy_from_slice(&sum.to_be_bytes());
+                let mut m = [0u8; 8];
+                m[0] = 3;
+                m[1] = 4;
+                m[6..8].copy_from_slice(&(self.mtu.min(0xffff) as u16).to_be_bytes());
+                let sum = ones_complement(&[&m, &ip[..quote]]);
+                m[2..4].copy_from_slice(&sum.to_be_bytes());
+                (20, quote, m)
+            }
+            ethertype::IPV6 if ip.len() >= IPV6_HEADER && ip[0] >> 4 == 6 => {
+                let (src, dst) = (ipv6_at(ip, 8), ipv6_at(ip, 24));
+                let error =
+                    ip[6] == NEXT_HEADER_ICMPV6 && ip.get(IPV6_HEADER).is_some_and(|t| *t < 128);
+                if dst.is_multicast() || error {
+                    return None;
+                }
+                let quote = ip.len().min(ICMP6_QUOTE);
+                h[0] = 0x60;
+                h[4..6].copy_from_slice(&((8 + quote) as u16).to_be_bytes());
+                h[6] = NEXT_HEADER_ICMPV6;
+                h[7] = 64;
+                h[8..24].copy_from_slice(&dst.octets());
+                h[24..40].copy_from_slice(&src.octets());
+                let mut m = [0u8; 8];
+                m[0] = 2;
+                m[4..8].copy_from_slice(&self.mtu.to_be_bytes());
+                let mut msg = Vec::with_capacity(8 + quote);
+                msg.extend_from_slice(&m);
+                msg.extend_from_slice(&ip[..quote]);
+                let sum = nd::icmpv6_checksum(dst, src, &msg);
+                m[2..4].copy_from_slice(&sum.to_be_bytes());
+                (IPV6_HEADER, quote, m)
+            }
+            _ => return None,
+        };
+        let n = ETH_HLEN + hdr_len + 8 + quote;
+        let o = out.get_mut(..n)?;
+        o[..ETH_HLEN].copy_from_slice(&eth_header(self.mac, dst_mac, ty));
+        o[ETH_HLEN..ETH_HLEN + hdr_len].copy_from_slice(&h[..hdr_len]);
+        o[ETH_HLEN + hdr_len..ETH_HLEN + hdr_len + 8].copy_from_slice(&msg);
+        o[ETH_HLEN + hdr_len + 8..].copy_from_slice(&ip[..quote]);
+        Some(n)
     }
 
     /// The REMAC table.
@@ -1029,6 +1110,21 @@ fn is_nd(pkt: &[u8]) -> bool {
         && nd_fixed_len(pkt[IPV6_HEADER]).is_some()
 }
 
+/// The Internet checksum (RFC 1071) of the concatenation of `parts`, each
+/// of even length but the last.
+fn ones_complement(parts: &[&[u8]]) -> u16 {
+    let mut sum: u64 = 0;
+    for p in parts {
+        for c in p.chunks(2) {
+            sum += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 fn eth_header(dst: Mac, src: Mac, ty: u16) -> [u8; ETH_HLEN] {
     let mut h = [0u8; ETH_HLEN];
     h[..6].copy_from_slice(&dst.0);
@@ -1096,6 +1192,102 @@ mod tests {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         sum == 0xffff
+    }
+
+    /// RFC 1071 verification over `b` (its checksum field included).
+    fn sum_ok(b: &[u8]) -> bool {
+        let mut sum: u32 = 0;
+        for w in b.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum == 0xffff
+    }
+
+    #[test]
+    fn oversize_packets_get_the_guest_an_icmp_error() {
+        let t = translator(Vec::new());
+        let remac = Mac([0x02, 0, 0, 0, 0, 0x42]);
+        let mut out = [0u8; 2048];
+        // 3000 bytes of IPv4/UDP, guest 10.0.0.9 to 10.0.0.2.
+        let mut p = vec![0u8; 3000];
+        p[..20].copy_from_slice(&[
+            0x45, 0, 0x0b, 0xb8, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 9, 10, 0, 0, 2,
+        ]);
+        let f = frame(remac, GUEST_MAC, 0x0800, &p);
+        let n = t.packet_too_big(&f, f.len(), &mut out).unwrap();
+        let e = &out[..n];
+        // RFC 792/1191: Ethernet to the guest from the MAC it sent to, an IPv4
+        // header from 10.0.0.2 to 10.0.0.9 (protocol 1), type 3 code 4, the
+        // next-hop MTU in the second half of the unused word, then the
+        // packet's first 548 bytes: 576 bytes of IP in all.
+        assert_eq!(&e[..6], &GUEST_MAC.0);
+        assert_eq!(&e[6..12], &remac.0);
+        assert_eq!(&e[12..14], &[0x08, 0x00]);
+        let ip = &e[14..];
+        assert_eq!(ip.len(), 576);
+        assert_eq!((ip[0], ip[9]), (0x45, 1));
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 576);
+        assert_eq!(&ip[12..16], &[10, 0, 0, 2]);
+        assert_eq!(&ip[16..20], &[10, 0, 0, 9]);
+        assert!(sum_ok(&ip[..20]), "IPv4 header checksum");
+        assert_eq!(&ip[20..24], &[3, 4, ip[22], ip[23]]);
+        assert_eq!(&ip[24..28], &[0, 0, 0x07, 0xfc], "MTU 2044");
+        assert!(sum_ok(&ip[20..]), "ICMP checksum");
+        assert_eq!(&ip[28..], &p[..548]);
+
+        // IPv6 (RFC 4443 §3.2): type 2, the MTU, as much of the packet as
+        // keeps the error within 1280 bytes.
+        let (gsrc, gdst): (Ipv6Addr, Ipv6Addr) =
+            ("fd00::9".parse().unwrap(), "fd00::2".parse().unwrap());
+        let mut p6 = vec![0u8; 3000];
+        p6[0] = 0x60;
+        p6[4..6].copy_from_slice(&2960u16.to_be_bytes());
+        p6[6] = 17;
+        p6[7] = 64;
+        p6[8..24].copy_from_slice(&gsrc.octets());
+        p6[24..40].copy_from_slice(&gdst.octets());
+        let f6 = frame(remac, GUEST_MAC, 0x86dd, &p6);
+        let n = t.packet_too_big(&f6, f6.len(), &mut out).unwrap();
+        let ip = &out[14..n];
+        assert_eq!(ip.len(), 1280);
+        assert_eq!((ip[0], ip[6]), (0x60, 58));
+        assert_eq!(&ip[8..24], &gdst.octets());
+        assert_eq!(&ip[24..40], &gsrc.octets());
+        assert_eq!((ip[40], ip[41]), (2, 0));
+        assert_eq!(&ip[44..48], &2044u32.to_be_bytes());
+        assert!(icmpv6_checksum_ok(ip));
+        assert_eq!(&ip[48..], &p6[..1232]);
+
+        // No error: the packet fits; its destination is multicast; it is
+        // an ICMP error itself; it is not IP.
+        assert_eq!(t.packet_too_big(&f[..2058], 2058, &mut out), None);
+        let mut m = p.clone();
+        m[16..20].copy_from_slice(&[239, 1, 1, 1]);
+        let mf = frame(
+            Mac::ipv4_multicast(Ipv4Addr::new(239, 1, 1, 1)),
+            GUEST_MAC,
+            0x0800,
+            &m,
+        );
+        assert_eq!(t.packet_too_big(&mf, mf.len(), &mut out), None);
+        let mut err = p.clone();
+        err[9] = 1;
+        err[20] = 3;
+        let ef = frame(remac, GUEST_MAC, 0x0800, &err);
+        assert_eq!(t.packet_too_big(&ef, ef.len(), &mut out), None);
+        let arp = frame(remac, GUEST_MAC, 0x0806, &p);
+        assert_eq!(t.packet_too_big(&arp, arp.len(), &mut out), None);
+        // Only what the frame holds is quoted (a lent frame's head).
+        let n = t.packet_too_big(&f[..14 + 100], f.len(), &mut out).unwrap();
+        assert_eq!(n, 14 + 20 + 8 + 100);
+        // Garbage never panics.
+        for cut in 0..40 {
+            let _ = t.packet_too_big(&f[..cut], 4000, &mut out);
+        }
+        assert_eq!(t.packet_too_big(&f, f.len(), &mut out[..100]), None);
     }
 
     #[test]
