@@ -1070,3 +1070,101 @@ fn frames_for_a_guest_land_in_its_memory() {
     a.finish();
     b.finish();
 }
+
+/// A DHCP message (RFC 2131 layout: op, htype, hlen, xid, chaddr, the
+/// cookie, the message type option, END) from `src` to the limited
+/// broadcast address, UDP `ports.0` → `ports.1`.
+fn dhcp_msg(
+    src: Ipv4Addr,
+    ports: (u16, u16),
+    op: u8,
+    htype: u8,
+    xid: u32,
+    chaddr: &[u8],
+) -> Vec<u8> {
+    let mut m = vec![0u8; 236];
+    m[0] = op;
+    m[1] = htype;
+    m[2] = chaddr.len() as u8;
+    m[4..8].copy_from_slice(&xid.to_be_bytes());
+    m[28..28 + chaddr.len()].copy_from_slice(chaddr);
+    m.extend_from_slice(&[99, 130, 83, 99, 53, 1, op, 255]);
+    let mut p = ipv4(src, Ipv4Addr::BROADCAST, &[]);
+    p[9] = 17;
+    p[2..4].copy_from_slice(&((28 + m.len()) as u16).to_be_bytes());
+    p[10..12].fill(0);
+    let mut sum: u32 = p[..20]
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(c[1]))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p.extend_from_slice(&ports.0.to_be_bytes());
+    p.extend_from_slice(&ports.1.to_be_bytes());
+    p.extend_from_slice(&((8 + m.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&m);
+    p
+}
+
+/// DHCP across the translation (RFC 4390, ipoib.md §15.5): a guest's
+/// DISCOVER reaches host a in the IPoIB form (hardware type 32, no
+/// hardware address, broadcast flag, a client identifier from its MAC);
+/// the server's broadcast OFFER comes back to that guest in the Ethernet
+/// form with its MAC in `chaddr`, and not to the other guest on the
+/// interface, which never asked.
+#[test]
+fn dhcp_is_translated_for_the_guest_that_asked() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let a4 = Ipv4Addr::new(10, 9, 0, 1);
+    let mut a = Host::new(&fabric, 0x0002_c903_0000_7a00, &[a4.into()]);
+    let mut b = Host::new(
+        &fabric,
+        0x0002_c903_0000_7b00,
+        &[Ipv4Addr::new(10, 9, 0, 2).into()],
+    );
+    let (m1, m2) = (Mac([0x52, 0x54, 0, 0, 0, 1]), Mac([0x52, 0x54, 0, 0, 0, 2]));
+    let (id1, q1) = guest(&mut b, m1);
+    let (id2, q2) = guest(&mut b, m2);
+    run(&mut [&mut a, &mut b], Duration::from_millis(100));
+
+    let discover = dhcp_msg(Ipv4Addr::UNSPECIFIED, (68, 67), 1, 1, 0x0bad_cafe, &m1.0);
+    q1.to_link
+        .borrow_mut()
+        .push_back(eth_frame(Mac::BROADCAST, m1, 0x0800, &discover));
+    until_delivered(&mut b, &mut a, 1);
+    let got = a.delivered().pop().unwrap();
+    let m = &got[28..];
+    assert_eq!(
+        (m[1], m[2]),
+        (32, 0),
+        "hardware type InfiniBand, no address"
+    );
+    assert_eq!(m[10] & 0x80, 0x80, "broadcast flag");
+    assert!(m[28..44].iter().all(|b| *b == 0), "chaddr empty");
+    assert_eq!(
+        &m[243..252],
+        &[61, 7, 1, 0x52, 0x54, 0, 0, 0, 1],
+        "client id"
+    );
+
+    let offer = dhcp_msg(a4, (67, 68), 2, 32, 0x0bad_cafe, &[]);
+    let (n1, n2) = (q1.from_link.borrow().len(), q2.from_link.borrow().len());
+    a.send_ip(&offer);
+    until_guest_has(&mut a, &mut b, &q1, n1 + 1);
+    let f = frames(&q1).pop().unwrap();
+    assert_eq!(&f[..6], &m1.0, "to the guest that asked");
+    let m = &f[14 + 28..];
+    assert_eq!((m[1], m[2]), (1, 6));
+    assert_eq!(&m[28..34], &m1.0);
+    run(&mut [&mut a, &mut b], Duration::from_millis(50));
+    assert_eq!(q2.from_link.borrow().len(), n2, "not to the other");
+    let drops = b.link.guest(id2).unwrap().eth_drops;
+    assert!(drops.contains(&("drop_dhcp_other", 1)), "{drops:?}");
+    assert!(b.link.remove_guest(id1).is_empty());
+    assert!(b.link.remove_guest(id2).is_empty());
+    a.finish();
+    b.finish();
+}

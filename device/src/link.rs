@@ -136,8 +136,8 @@ const GUEST_RX_SKIP: usize = VNET_HDR_LEN_MRG + eth::ETH_HLEN;
 /// than the WQE would take the QP to the error state.
 const GUEST_RX_ROOM: usize = GUEST_RX_SKIP + 4096 - engine::IPOIB_HEADER_LEN;
 /// Bytes of a packet received into guest buffers copied for the engine
-/// and the translation (IP and transport headers); ARP and ICMPv6 (ND,
-/// MLD) are copied whole, as they may be rewritten.
+/// and the translation (IP and transport headers); ARP, ICMPv6 (ND, MLD)
+/// and DHCP are copied whole, as they may be rewritten.
 const RX_PEEK: usize = 128;
 
 const NO_SGE: Sge = Sge {
@@ -834,7 +834,7 @@ impl<T: Transport> Link<T> {
     /// packets it lent that wait in the engine are copied in, the posted
     /// sends gathering from it complete, and the receive WQEs holding its
     /// buffers are flushed and the buffers given back (false if the HCA
-    /// does not finish within [`DRAIN_TIMEOUT`]). The endpoint's receive
+    /// does not finish within half a second). The endpoint's receive
     /// queue then stays empty until [`Link::resume_guest`]. Call before
     /// the guest's rings or memory table change.
     pub fn quiesce_guest(&mut self, id: EndpointId) -> bool {
@@ -2076,7 +2076,8 @@ impl Endpoint {
         let mut read =
             port.is_some_and(|g| read_lent(g, &held, GUEST_RX_SKIP, &mut p[data..data + peek]));
         let whole = ty == engine::ethertype::ARP
-            || (ty == engine::ethertype::IPV6 && peek > 6 && matches!(p[data + 6], 0 | 58));
+            || (ty == engine::ethertype::IPV6 && peek > 6 && matches!(p[data + 6], 0 | 58))
+            || (ty == engine::ethertype::IPV4 && engine::dhcp::bootp_ports(&p[data..data + peek]));
         if read && whole && peek < body {
             peek = body;
             read =

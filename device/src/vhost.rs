@@ -11,25 +11,35 @@
 //! moved there between the virtqueues and the interface through
 //! [`VnicPort`], the endpoint's [`HostPort`].
 //!
-//! Zero copy on transmit: the VM's memory regions are mapped for the HCA
-//! at an IOVA window of that VM's own, under a key of the endpoint's own
-//! protection domain bounded to the window ([`Link::map_guest_memory`]),
-//! so its QP reaches that VM's memory and nothing else. A TCP or UDP
-//! frame of [`LEND_MIN`] bytes or more is *lent*: its first [`LEND_HEAD`]
-//! bytes (Ethernet, IP and transport headers) are copied, checked and sent
-//! from the daemon's memory, so the guest cannot change them after the
-//! checks, and the HCA gathers the rest from the guest's buffer, which
-//! goes back on the used ring when the send completes. Every descriptor
-//! is translated through the memory table first; one outside it, or
-//! crossing a region's end, is not lent but copied, and the copy refuses
-//! it. Before any request of the frontend is acted on (a memory table or
-//! ring change, a stop) the endpoint is quiesced: lent frames still
-//! waiting are copied in and posted sends complete, and only then is an
-//! old window removed. Small frames, control traffic, frames for the
-//! guest, and everything of a vNIC started with `copy` are copied.
-//! Copies are checked against the VM's memory table by the copy itself
-//! (an address outside it fails the copy and the chain is returned unused
-//! and counted), and chains are bounded in length and count.
+//! Zero copy: the VM's memory regions are mapped for the HCA at an IOVA
+//! window of that VM's own, under a key of the endpoint's own protection
+//! domain bounded to the window ([`Link::map_guest_memory`]), so its QP
+//! reaches that VM's memory and nothing else. Every descriptor is
+//! translated through the memory table first; one outside it, or crossing
+//! a region's end, is not lent but left to the copy, which refuses it.
+//!
+//! - Transmit: a TCP or UDP frame (not DHCP) of [`LEND_MIN`] bytes or more
+//!   is *lent*: its first [`LEND_HEAD`] bytes (Ethernet, IP and transport
+//!   headers) are copied, checked and sent from the daemon's memory, so
+//!   the guest cannot change them after the checks, and the HCA gathers
+//!   the rest from the guest's buffer, which goes back on the used ring
+//!   when the send completes. While frames are lent the ring asks for no
+//!   kicks: their completions bring the next look.
+//! - Receive: receive chains are lent ([`HostPort::lend_rx`]) and the
+//!   endpoint's receive WQEs scatter the packet into them; the link writes
+//!   the virtio-net and Ethernet headers in front ([`HostPort::rx_done`]).
+//!   Chains the HCA gave back unused are lent again first, and go to the
+//!   guest empty when its ring stops.
+//!
+//! Before any request of the frontend is acted on (a memory table or ring
+//! change, a stop) the endpoint is quiesced ([`Link::quiesce_guest`]):
+//! lent frames still waiting are copied in, posted sends complete, the
+//! receive queue is flushed and its buffers given back, and only then is
+//! an old window removed; afterwards it is resumed. Small frames, control
+//! traffic and everything of a vNIC started with `copy` are copied; such
+//! copies are checked against the VM's memory table by the copy itself (an
+//! address outside it fails the copy and the chain is returned unused and
+//! counted), and chains are bounded in length and count.
 //!
 //! A frontend that goes away (QEMU or testpmd restarting) ends its
 //! connection only: the next one is accepted, the endpoint (QP, QPN,
@@ -1189,7 +1199,7 @@ fn lend_chain(
 }
 
 /// Whether an Ethernet frame carries TCP or UDP over IPv4 or IPv6 (no
-/// IPv6 extension headers).
+/// IPv6 extension headers), and not DHCP (which is rewritten whole).
 fn is_tcp_or_udp(frame: &[u8]) -> bool {
     let l3 = crate::engine::eth::ETH_HLEN;
     let proto = match (frame.get(12..14), frame.get(l3).map(|b| b >> 4)) {
@@ -1197,7 +1207,10 @@ fn is_tcp_or_udp(frame: &[u8]) -> bool {
         (Some([0x86, 0xDD]), Some(6)) => frame.get(l3 + 6),
         _ => None,
     };
-    matches!(proto, Some(6 | 17))
+    let dhcp = frame
+        .get(l3..)
+        .is_some_and(crate::engine::dhcp::bootp_ports);
+    matches!(proto, Some(6 | 17)) && !dhcp
 }
 
 /// Copies the readable descriptors of `chain` into `buf` from `at` on;

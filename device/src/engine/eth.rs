@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use super::addr::{HW_ADDR_LEN, HwAddr};
 use super::arp::{ARP_LEN, Arp, Op};
+use super::dhcp;
 use super::nd::{self, LLA_OPTION_LEN, NEXT_HEADER_ICMPV6};
 use super::{Gid, IPV6_HEADER, be16, ethertype, ipv4_at, ipv6_at, mgid};
 
@@ -56,6 +57,8 @@ const ETHERTYPE_QINQ: u16 = 0x88a8;
 const OPT_MTU: u8 = 5;
 /// Groups a guest's reports may add before the caller takes them.
 const MAX_PENDING_LISTENS: usize = 64;
+/// DHCP transactions of a guest remembered, for their replies.
+const MAX_DHCP_XIDS: usize = 8;
 /// IP protocol numbers.
 const PROTO_IGMP: u8 = 2;
 const PROTO_ICMP: u8 = 1;
@@ -175,11 +178,13 @@ pub enum EthDrop {
     /// A unicast packet from the fabric whose sender is unknown (no GRH
     /// and no earlier ARP/ND from it).
     UnknownSource,
+    /// A DHCP reply for a transaction this guest did not start.
+    DhcpOther,
 }
 
 impl EthDrop {
     /// Every reason, in the order tools print them.
-    pub const ALL: [EthDrop; 9] = [
+    pub const ALL: [EthDrop; 10] = [
         EthDrop::Malformed,
         EthDrop::SpoofedMac,
         EthDrop::SpoofedIp,
@@ -189,6 +194,7 @@ impl EthDrop {
         EthDrop::NotIpMulticast,
         EthDrop::BadControl,
         EthDrop::UnknownSource,
+        EthDrop::DhcpOther,
     ];
 
     /// The counter name.
@@ -203,6 +209,7 @@ impl EthDrop {
             EthDrop::NotIpMulticast => "drop_not_ip_multicast",
             EthDrop::BadControl => "drop_eth_bad_arp_nd",
             EthDrop::UnknownSource => "drop_unknown_source",
+            EthDrop::DhcpOther => "drop_dhcp_other",
         }
     }
 }
@@ -385,6 +392,9 @@ pub struct Translator {
     /// Groups the guest reported it listens to or left (IGMP, MLD), not
     /// yet taken.
     listens: Vec<Listen>,
+    /// The guest's recent DHCP transactions, and whether a client
+    /// identifier was inserted into them.
+    dhcp_xids: std::collections::VecDeque<(u32, bool)>,
     drops: [u64; EthDrop::ALL.len()],
 }
 
@@ -408,6 +418,7 @@ impl Translator {
             remacs: RemacTable::new(MAX_REMACS),
             sources: HashMap::new(),
             listens: Vec::new(),
+            dhcp_xids: std::collections::VecDeque::new(),
             drops: [0; EthDrop::ALL.len()],
         }
     }
@@ -432,6 +443,7 @@ impl Translator {
         self.learn_mac = self.learns_mac;
         self.addresses = self.allowed.clone();
         self.addresses_changed = true;
+        self.dhcp_xids.clear();
     }
 
     /// The vNIC's IPoIB address.
@@ -687,6 +699,19 @@ impl Translator {
                 self.check_source(IpAddr::V4(ipv4_at(body, 12)))?;
                 let to = self.target(dst, IpAddr::V4(ipv4_at(body, 16)), now)?;
                 self.snoop_igmp(body);
+                // DHCP goes in the IPoIB form (RFC 4390).
+                if let Some(r) = dhcp::to_fabric(body, self.mac, out) {
+                    self.dhcp_xids.retain(|(x, _)| *x != r.xid);
+                    if self.dhcp_xids.len() == MAX_DHCP_XIDS {
+                        self.dhcp_xids.pop_front();
+                    }
+                    self.dhcp_xids.push_back((r.xid, r.inserted_client_id));
+                    return Ok(GuestTx::Rewritten {
+                        to,
+                        ethertype: ty,
+                        len: r.len,
+                    });
+                }
                 Ok(GuestTx::Forward { to, ethertype: ty })
             }
             _ => {
@@ -851,6 +876,19 @@ impl Translator {
                     return Err(EthDrop::Malformed);
                 }
                 let src = self.sender_mac(from, now)?;
+                if let Some(xid) = dhcp::reply_xid(payload) {
+                    // A DHCP reply: for this guest only if it asked.
+                    let &(_, inserted) = self
+                        .dhcp_xids
+                        .iter()
+                        .find(|(x, _)| *x == xid)
+                        .ok_or(EthDrop::DhcpOther)?;
+                    let body = out.get_mut(ETH_HLEN..).ok_or(EthDrop::Malformed)?;
+                    let n = dhcp::to_guest(payload, self.mac, inserted, body)
+                        .ok_or(EthDrop::Malformed)?;
+                    out[..ETH_HLEN].copy_from_slice(&eth_header(self.mac, src, ty));
+                    return Ok(GuestRx::Rewritten(pad(out, ETH_HLEN + n)));
+                }
                 let dst = self.guest_dst(from, IpAddr::V4(ipv4_at(payload, 16)));
                 Ok(GuestRx::Header(eth_header(dst, src, ty)))
             }
@@ -1775,6 +1813,72 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(t.mac(), GUEST_MAC);
+    }
+
+    /// A DHCP message from `ports.0` to `ports.1` (RFC 2131 layout:
+    /// op, htype, hlen, xid, chaddr, cookie, message type option, END).
+    fn bootp(ports: (u16, u16), op: u8, htype: u8, hlen: u8, xid: u32, chaddr: &[u8]) -> Vec<u8> {
+        let mut m = vec![0u8; 236];
+        (m[0], m[1], m[2]) = (op, htype, hlen);
+        m[4..8].copy_from_slice(&xid.to_be_bytes());
+        m[28..28 + chaddr.len()].copy_from_slice(chaddr);
+        m.extend_from_slice(&[99, 130, 83, 99, 53, 1, op, 255]);
+        let mut p = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
+        ];
+        p[2..4].copy_from_slice(&((28 + m.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&ports.0.to_be_bytes());
+        p.extend_from_slice(&ports.1.to_be_bytes());
+        p.extend_from_slice(&((8 + m.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(&m);
+        p
+    }
+
+    #[test]
+    fn dhcp_is_rewritten_both_ways_and_replies_go_to_the_asker() {
+        let now = Instant::now();
+        let mut t = translator(Vec::new());
+        let mut out = [0u8; 1024];
+        let discover = bootp((68, 67), 1, 1, 6, 0xdead_beef, &GUEST_MAC.0);
+        let f = frame(Mac::BROADCAST, GUEST_MAC, 0x0800, &discover);
+        let tx = t.from_guest(&f, &mut out, now).unwrap();
+        let GuestTx::Rewritten { to, ethertype, len } = tx else {
+            panic!("{tx:?}");
+        };
+        assert_eq!((ethertype, len), (0x0800, discover.len() + 9));
+        assert!(matches!(to, Target::Group(_)), "to the broadcast group");
+        assert_eq!((out[28 + 1], out[28 + 2]), (32, 0), "the IPoIB form");
+
+        // The offer, broadcast by a server on the fabric: for this guest.
+        let offer = bootp((67, 68), 2, 32, 0, 0xdead_beef, &[]);
+        let from = Sender {
+            sgid: Some(PEER_GID),
+            multicast: true,
+            ..unicast_from_peer()
+        };
+        let rx = t.to_guest(from, 0x0800, &offer, &mut out, now).unwrap();
+        let GuestRx::Rewritten(n) = rx else {
+            panic!("{rx:?}");
+        };
+        assert_eq!(n, 14 + offer.len());
+        assert_eq!(&out[..6], &GUEST_MAC.0, "to the guest's MAC");
+        let m = &out[14 + 28..];
+        assert_eq!((m[1], m[2]), (1, 6));
+        assert_eq!(&m[28..34], &GUEST_MAC.0);
+        // Another guest's transaction is not this guest's.
+        let other = bootp((67, 68), 2, 32, 0, 0x1234_5678, &[]);
+        assert_eq!(
+            t.to_guest(from, 0x0800, &other, &mut out, now),
+            Err(EthDrop::DhcpOther)
+        );
+        assert_eq!(t.drops(EthDrop::DhcpOther), 1);
+        // A new frontend forgets the transactions.
+        t.reset();
+        assert_eq!(
+            t.to_guest(from, 0x0800, &offer, &mut out, now),
+            Err(EthDrop::DhcpOther)
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod addr;
 pub mod arp;
 pub mod datagram;
+pub mod dhcp;
 pub mod eth;
 pub mod mgid;
 pub mod nd;
