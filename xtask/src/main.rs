@@ -154,11 +154,14 @@ fn test() -> Result<(), String> {
 
 fn demo() -> Result<(), String> {
     ensure_packages(demo::DEMO_PACKAGES)?;
+    // Release: the software HCA and the fabric do per-byte work (CRCs)
+    // that a debug build makes an order of magnitude slower.
     run(
-        "build",
+        "release build",
         cargo().args([
             "build",
             "-q",
+            "--release",
             "-p",
             "ipoib-device",
             "-p",
@@ -167,7 +170,7 @@ fn demo() -> Result<(), String> {
             "ipoib-tool",
         ]),
     )?;
-    let target = root().join("target/debug");
+    let target = root().join("target/release");
     let bin = target.join("ipoib-vfio");
     println!();
     println!("==> bring-up of a simulated ConnectX-5 with one InfiniBand port");
