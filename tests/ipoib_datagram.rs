@@ -708,6 +708,9 @@ struct Lender {
     next: RefCell<u16>,
     /// Receive buffers not lent (indices).
     rx_free: RefCell<Vec<u16>>,
+    /// Lend the next receive buffer at an address outside the window (as
+    /// a broken device would).
+    poison: std::cell::Cell<bool>,
 }
 
 /// Where frame `token` sits in the guest's memory.
@@ -727,6 +730,7 @@ impl Lender {
             given_back: RefCell::new(Vec::new()),
             next: RefCell::new(0),
             rx_free: RefCell::new((0..256).rev().collect()),
+            poison: std::cell::Cell::new(false),
         })
     }
 
@@ -830,8 +834,13 @@ impl HostPort for LenderPort {
         let Some(k) = self.0.rx_free.borrow_mut().pop() else {
             return Lend::Empty;
         };
+        let at = if self.0.poison.replace(false) {
+            w.regions[0].1 as usize + 0x10_0000
+        } else {
+            RX_AREA + usize::from(k) * RX_BUF_LEN
+        };
         out[0] = mlx5_driver::layout::wqe::Sge {
-            addr: w.regions[0].0.0 + (RX_AREA + usize::from(k) * RX_BUF_LEN) as u64,
+            addr: w.regions[0].0.0 + at as u64,
             len: RX_BUF_LEN as u32,
             lkey: w.key,
         };
@@ -1165,6 +1174,55 @@ fn dhcp_is_translated_for_the_guest_that_asked() {
     assert!(drops.contains(&("drop_dhcp_other", 1)), "{drops:?}");
     assert!(b.link.remove_guest(id1).is_empty());
     assert!(b.link.remove_guest(id2).is_empty());
+    a.finish();
+    b.finish();
+}
+
+/// A receive WQE the HCA cannot write (a scatter entry outside the VM's
+/// window: the key refuses it with a local protection error, and the QP
+/// goes to ERR, as on a card) costs the packet in it, not the endpoint:
+/// the QP is restarted with the same QPN and the next packet arrives.
+#[test]
+fn a_failed_qp_is_restarted() {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (a4, g4) = (Ipv4Addr::new(10, 10, 0, 1), Ipv4Addr::new(10, 10, 0, 9));
+    let mut a = Host::new(&fabric, 0x0002_c903_0000_8a00, &[a4.into()]);
+    let mut b = Host::new(
+        &fabric,
+        0x0002_c903_0000_8b00,
+        &[Ipv4Addr::new(10, 10, 0, 2).into()],
+    );
+    let (id, g) = lending_guest(&mut b, g4);
+    let qpn = b.link.guest(id).unwrap().hw.qpn();
+    assert!(b.link.quiesce_guest(id));
+    b.link.resume_guest(id);
+    let reply = lender_arp(&mut a, &mut b, &g, g4, a4);
+    assert_eq!(&reply[20..22], &[0, 2], "an ARP reply: a knows the guest");
+    // Now the first WQE's first buffer is outside the window; the next
+    // packet meets it.
+    g.poison.set(true);
+    assert!(b.link.quiesce_guest(id));
+    b.link.resume_guest(id);
+    a.send_ip(&udp4(a4, g4, b"lost with its WQE"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.link.guest(id).unwrap().counters.qp_restarts == 0 && Instant::now() < deadline {
+        run(&mut [&mut a, &mut b], Duration::from_millis(5));
+    }
+    let c = b.link.guest(id).unwrap().counters;
+    assert_eq!(c.qp_restarts, 1, "{c:?}");
+    assert_eq!(c.rx_errors, 1);
+    assert_eq!(b.link.guest(id).unwrap().hw.qpn(), qpn, "the same QPN");
+    let seen = g.from_link.borrow().len();
+    let p = udp4(a4, g4, b"after the restart");
+    a.send_ip(&p);
+    until_frames(&mut a, &mut b, &g.from_link, seen + 1);
+    let f = g.from_link.borrow()[seen].clone();
+    assert_eq!(
+        &f[VNET_HDR_LEN_MRG + 14..VNET_HDR_LEN_MRG + 14 + p.len()],
+        &p[..]
+    );
+    assert_eq!(g.rx_lent(), 64 * 3, "every WQE lent again, none lost");
+    assert!(b.link.remove_guest(id).is_empty());
     a.finish();
     b.finish();
 }

@@ -274,6 +274,7 @@ fn endpoint_counters(c: &LinkCounters) -> Vec<proto::Counter> {
         ("sa_failures", c.sa_failures),
         ("tx_zero_copy", c.tx_zero_copy),
         ("rx_zero_copy", c.rx_zero_copy),
+        ("qp_restarts", c.qp_restarts),
     ]
     .into_iter()
     .map(|(n, v)| proto::Counter {

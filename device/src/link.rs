@@ -268,6 +268,9 @@ pub struct LinkCounters {
     pub tx_zero_copy: u64,
     /// Packets the HCA wrote straight into a guest's buffers.
     pub rx_zero_copy: u64,
+    /// Times the endpoint's QP failed (an error completion other than a
+    /// flush) and was restarted.
+    pub qp_restarts: u64,
 }
 
 /// An SA transaction in flight, for an endpoint.
@@ -360,6 +363,8 @@ struct Endpoint {
     rx_lend: bool,
     /// Receive WQEs waiting for the guest to lend buffers.
     rx_unposted: Vec<usize>,
+    /// A completion said the QP failed: it is restarted this turn.
+    qp_failed: bool,
     tx_free: Vec<usize>,
     /// Posted sends: slot, and the lent packet they gather from.
     tx_inflight: VecDeque<(usize, Option<u16>)>,
@@ -692,6 +697,7 @@ impl<T: Transport> Link<T> {
             rx_spare: Vec::new(),
             rx_lend: true,
             rx_unposted: Vec::new(),
+            qp_failed: false,
             tx_free: (0..TX_SLOTS).rev().collect(),
             tx_inflight: VecDeque::with_capacity(TX_SLOTS),
             pool: vec![vec![0u8; HOST_BUF]; HOST_BUFS],
@@ -838,7 +844,7 @@ impl<T: Transport> Link<T> {
     /// queue then stays empty until [`Link::resume_guest`]. Call before
     /// the guest's rings or memory table change.
     pub fn quiesce_guest(&mut self, id: EndpointId) -> bool {
-        self.quiesce_tx(id) && self.take_back_rx(id, false)
+        self.quiesce_tx(id) && self.take_back_rx(id, false, &NoHost)
     }
 
     /// Posts the receive WQEs of a quiesced guest endpoint again, into
@@ -851,7 +857,11 @@ impl<T: Transport> Link<T> {
         };
         ep.rx_lend = true;
         let lent = ep.rx_lent.iter().any(|w| w.n > 0);
-        if !ep.rx_posted.is_empty() && !lent && ep.lends_rx() && !self.take_back_rx(id, true) {
+        if !ep.rx_posted.is_empty()
+            && !lent
+            && ep.lends_rx()
+            && !self.take_back_rx(id, true, &NoHost)
+        {
             return;
         }
         let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
@@ -868,12 +878,29 @@ impl<T: Transport> Link<T> {
         }
     }
 
+    /// A failed QP (an error completion that is not a flush: the HCA put
+    /// it in ERR) is brought back: flushed, reset and taken to RTS again
+    /// with its QPN, Q_Key and groups, its receive queue posted afresh.
+    fn restart(&mut self, id: EndpointId, host: &dyn HostPort) {
+        tracing::warn!(endpoint = id, "the endpoint's QP failed: restarting it");
+        let Some(ep) = self.eps.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        ep.qp_failed = false;
+        ep.counters.qp_restarts += 1;
+        // Sends in flight completed (flushed) when the QP failed.
+        ep.reap_sends();
+        if self.take_back_rx(id, true, host) {
+            self.resume_guest(id);
+        }
+    }
+
     /// Empties the endpoint's receive queue when it holds guest buffers
     /// (or always, with `force`): what arrived is delivered, the QP goes
     /// to ERR (flushing every WQE) and back through RESET to RTS with its
     /// QPN, Q_Key and groups, and the guest gets its buffers back.
-    fn take_back_rx(&mut self, id: EndpointId, force: bool) -> bool {
-        self.receive(id, &NoHost);
+    fn take_back_rx(&mut self, id: EndpointId, force: bool, host: &dyn HostPort) -> bool {
+        self.receive(id, host);
         let Link { hca, eps, .. } = self;
         let Some(ep) = eps.get_mut(id).and_then(Option::as_mut) else {
             return true;
@@ -1231,6 +1258,9 @@ impl<T: Transport> Link<T> {
                 && let Some(qp) = ep.qp.as_mut()
             {
                 qp.ring_rq();
+            }
+            if self.eps[id].as_ref().is_some_and(|e| e.qp_failed) {
+                self.restart(id, host);
             }
             if timers && let Some(ep) = self.eps[id].as_mut() {
                 ep.engine.poll(now, &mut ep.out);
@@ -1944,6 +1974,7 @@ impl Endpoint {
                 if c.error.is_some() {
                     self.counters.tx_errors += 1;
                 }
+                self.qp_failed |= c.error.is_some_and(|e| e != CqeError::WrFlushed);
                 if let Some(qp) = self.qp.as_mut() {
                     qp.send_done(c.wqe_counter);
                 }
@@ -1991,6 +2022,7 @@ impl Endpoint {
             }
             if c.error.is_some() {
                 self.counters.rx_errors += 1;
+                self.qp_failed |= c.error.is_some_and(|e| e != CqeError::WrFlushed);
                 self.post_rx(i);
                 continue;
             }
@@ -2036,7 +2068,9 @@ impl Endpoint {
         let mut held = std::mem::take(&mut self.rx_lent[i]);
         let len = (c.byte_cnt as usize).clamp(40, RX_BUF) - 40;
         let ok = c.error.is_none() && len >= engine::IPOIB_HEADER_LEN;
-        if c.error.is_some_and(|e| e != CqeError::WrFlushed) || (c.error.is_none() && !ok) {
+        let failed = c.error.is_some_and(|e| e != CqeError::WrFlushed);
+        self.qp_failed |= failed;
+        if failed || (c.error.is_none() && !ok) {
             self.counters.rx_errors += 1;
         }
         let slot = if ok { self.pool_free.pop() } else { None };
