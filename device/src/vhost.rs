@@ -1361,6 +1361,29 @@ pub fn feature_names(features: u64) -> Vec<&'static str> {
     .collect()
 }
 
+/// Whether a frontend request (its code, vhost-user message header) may
+/// change what the data path relies on: memory, rings, features, the
+/// owner. Those are acted on only with the endpoint quiesced. Unknown
+/// codes count as changing it.
+fn changes_data_path(code: u32) -> bool {
+    use vhost::vhost_user::message::FrontendReq as R;
+    let harmless = [
+        R::GET_FEATURES,
+        R::SET_VRING_CALL,
+        R::SET_VRING_ERR,
+        R::GET_PROTOCOL_FEATURES,
+        R::SET_PROTOCOL_FEATURES,
+        R::GET_QUEUE_NUM,
+        R::SEND_RARP,
+        R::NET_SET_MTU,
+        R::GET_CONFIG,
+        R::SET_CONFIG,
+        R::GET_MAX_MEM_SLOTS,
+        R::GET_STATUS,
+    ];
+    !harmless.iter().any(|r| u32::from(*r) == code)
+}
+
 /// Which of a vNIC's descriptors an event is for (its offset from the
 /// vNIC's first event id).
 const EV_LISTEN: u64 = 0;
@@ -1526,12 +1549,19 @@ impl Vnic {
     }
 
     fn request<T: Transport>(&mut self, epoll: &Epoll, link: &mut Link<T>) {
-        let Some((handler, _)) = self.conn.as_mut() else {
+        let Some((handler, watch)) = self.conn.as_mut() else {
             return;
         };
         // Whatever the request changes (memory table, rings), nothing of
-        // the HCA's points into guest memory while it does.
-        link.quiesce_guest(self.endpoint);
+        // the HCA's points into guest memory while it does. Requests that
+        // change neither (features asked, the call eventfd, the config
+        // space) leave the data path alone.
+        let mut code = [0u8; 4];
+        let peeked = mlx5_driver::transport::peek_socket(watch, &mut code);
+        let quiesce = !matches!(peeked, Ok(4)) || changes_data_path(u32::from_le_bytes(code));
+        if quiesce {
+            link.quiesce_guest(self.endpoint);
+        }
         match handler.handle_request() {
             Ok(()) => {
                 self.sync_kicks(epoll);
@@ -2181,6 +2211,21 @@ mod tests {
                 0
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn only_requests_that_touch_the_data_path_quiesce_it() {
+        // vhost-user request codes (the spec's message types).
+        for code in [2, 3, 4, 5, 8, 9, 10, 11, 12, 18, 34, 37, 38] {
+            assert!(changes_data_path(code), "{code}");
+        }
+        for code in [1, 13, 14, 15, 16, 17, 24, 25] {
+            assert!(!changes_data_path(code), "{code}");
+        }
+        assert!(
+            changes_data_path(0) && changes_data_path(999),
+            "unknown ones do"
         );
     }
 

@@ -331,6 +331,32 @@ pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> Result<Option<u64>, Tran
     }
 }
 
+/// Copies the next bytes waiting on stream socket `fd` into `buf`
+/// without taking them (MSG_PEEK), without waiting; how many were copied
+/// (0 if none are waiting). A vhost-user backend reads a request's type
+/// this way before the library takes the request.
+pub fn peek_socket(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
+    // duration of the call; recv writes at most that many.
+    let rc = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(rc as usize)
+}
+
 /// The host's page size.
 pub fn host_page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
