@@ -31,8 +31,9 @@
 //!   Chains the HCA gave back unused are lent again first, and go to the
 //!   guest empty when its ring stops.
 //!
-//! Before any request of the frontend is acted on (a memory table or ring
-//! change, a stop) the endpoint is quiesced ([`Link::quiesce_guest`]):
+//! Before a request of the frontend that may change memory, rings or
+//! features is acted on (a memory table or ring change, a stop; the type
+//! is peeked first) the endpoint is quiesced ([`Link::quiesce_guest`]):
 //! lent frames still waiting are copied in, posted sends complete, the
 //! receive queue is flushed and its buffers given back, and only then is
 //! an old window removed; afterwards it is resumed. Small frames, control
