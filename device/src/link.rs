@@ -140,14 +140,18 @@ const GUEST_RX_ROOM: usize = GUEST_RX_SKIP + 4096 - engine::IPOIB_HEADER_LEN;
 /// and DHCP are copied whole, as they may be rewritten.
 const RX_PEEK: usize = 128;
 
-const NO_SGE: Sge = Sge {
-    addr: 0,
-    len: 0,
-    lkey: 0,
-};
+/// What posting a receive WQE into guest buffers came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxPost {
+    Posted,
+    /// The guest has not lent enough buffers yet.
+    Waiting,
+    /// It cannot: the WQE takes the endpoint's own buffer.
+    Refused,
+}
 
 /// A receive buffer a guest lent: its token, pieces and capacity.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct GuestBuf {
     token: u16,
     sges: [Sge; MAX_RX_BUF_PIECES],
@@ -157,27 +161,13 @@ struct GuestBuf {
 
 /// Guest receive buffers that one WQE (or one received packet) holds;
 /// `n == 0`: none (the WQE points at the endpoint's own buffer).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct RxLent {
     bufs: [GuestBuf; MAX_RX_PIECES],
     n: usize,
-    /// Packet bytes (received packets).
-    len: usize,
-}
-
-impl Default for RxLent {
-    fn default() -> Self {
-        RxLent {
-            bufs: [GuestBuf {
-                token: 0,
-                sges: [NO_SGE; MAX_RX_BUF_PIECES],
-                n: 0,
-                cap: 0,
-            }; MAX_RX_PIECES],
-            n: 0,
-            len: 0,
-        }
-    }
+    /// Of a received packet: the bytes of it copied into its pool slot
+    /// for the engine and the translation.
+    peek: usize,
 }
 
 /// A packet lent by the host side: what was copied, and where the rest is
@@ -859,7 +849,7 @@ impl<T: Transport> Link<T> {
         let lent = ep.rx_lent.iter().any(|w| w.n > 0);
         if !ep.rx_posted.is_empty()
             && !lent
-            && ep.lends_rx()
+            && ep.lends_rx().is_some()
             && !self.take_back_rx(id, true, &NoHost)
         {
             return;
@@ -1777,20 +1767,13 @@ impl<T: Transport> Link<T> {
 }
 
 fn split_families(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
-    let v4 = addrs
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(v) => Some(*v),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let v6 = addrs
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V6(v) => Some(*v),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for a in addrs {
+        match a {
+            IpAddr::V4(a) => v4.push(*a),
+            IpAddr::V6(a) => v6.push(*a),
+        }
+    }
     (v4, v6)
 }
 
@@ -1798,18 +1781,23 @@ impl Endpoint {
     /// Posts receive WQE `i`: into guest buffers when the guest lends
     /// them, into the endpoint's own buffer `i` otherwise.
     fn post_rx(&mut self, i: usize) {
-        if self.lends_rx() {
-            match self.post_rx_lent(i) {
-                Lend::Lent(..) => return,
+        if let Some(merge) = self.lends_rx() {
+            match self.post_rx_lent(i, merge) {
+                RxPost::Posted => return,
                 // The guest has no buffers now: the WQE waits for them
                 // (refill_rx), as a NIC's ring does.
-                Lend::Empty => {
+                RxPost::Waiting => {
                     self.rx_unposted.push(i);
                     return;
                 }
-                Lend::Refused => {}
+                RxPost::Refused => {}
             }
         }
+        self.post_own_rx(i);
+    }
+
+    /// Posts receive WQE `i` into the endpoint's own buffer `i`.
+    fn post_own_rx(&mut self, i: usize) {
         let (Some(qp), Some(rx)) = (self.qp.as_mut(), self.rx.as_ref()) else {
             return;
         };
@@ -1823,88 +1811,81 @@ impl Endpoint {
         }
     }
 
-    /// Whether new receive WQEs take guest buffers: a guest endpoint
-    /// whose VM's memory is mapped, sized for it, not being quiesced.
-    fn lends_rx(&self) -> bool {
-        self.rx_lend
-            && self.rx_lent.len() == 1 << LOG_RQ_LENT
-            && self.dom.as_ref().is_some_and(|d| d.window.is_some())
-            && self
-                .guest
-                .as_ref()
-                .is_some_and(|g| g.port.rx_ready().is_some())
+    /// Whether new receive WQEs take guest buffers (a guest endpoint whose
+    /// VM's memory is mapped, sized for it, not being quiesced), and if so
+    /// whether a packet may span several of them (mergeable buffers).
+    fn lends_rx(&self) -> Option<bool> {
+        let sized = self.rx_lent.len() == 1 << LOG_RQ_LENT;
+        let mapped = self.dom.as_ref().is_some_and(|d| d.window.is_some());
+        if !(self.rx_lend && sized && mapped) {
+            return None;
+        }
+        self.guest.as_ref()?.port.rx_ready()
     }
 
     /// Posts the WQEs that waited for guest buffers, as far as the guest
     /// has lent them; true if any was posted (the RQ needs a doorbell).
     fn refill_rx(&mut self) -> bool {
-        if self.rx_unposted.is_empty() || !self.lends_rx() {
-            // Not lending any more: the endpoint's own buffers take them.
-            let waiting = std::mem::take(&mut self.rx_unposted);
-            let any = !waiting.is_empty();
-            for i in waiting {
-                self.post_rx(i);
-            }
-            return any;
+        if self.rx_unposted.is_empty() {
+            return false;
         }
+        let Some(merge) = self.lends_rx() else {
+            // Not lending any more: the endpoint's own buffers take them.
+            for i in std::mem::take(&mut self.rx_unposted) {
+                self.post_own_rx(i);
+            }
+            return true;
+        };
         let mut any = false;
         while let Some(&i) = self.rx_unposted.last() {
-            match self.post_rx_lent(i) {
-                Lend::Lent(..) => {
-                    self.rx_unposted.pop();
-                    any = true;
-                }
-                Lend::Empty => break,
-                Lend::Refused => {
-                    self.rx_unposted.pop();
-                    self.rx_lend = false;
-                    self.post_rx(i);
-                    self.rx_lend = true;
-                    any = true;
-                }
+            match self.post_rx_lent(i, merge) {
+                RxPost::Waiting => break,
+                RxPost::Posted => {}
+                RxPost::Refused => self.post_own_rx(i),
             }
+            self.rx_unposted.pop();
+            any = true;
         }
         any
     }
 
     /// Posts WQE `i` as GRH and IPoIB header into the endpoint's buffer
     /// `i`, then guest buffers (from past the room for the virtio-net and
-    /// Ethernet headers) for the largest packet.
-    fn post_rx_lent(&mut self, i: usize) -> Lend {
+    /// Ethernet headers) for the largest packet: several with mergeable
+    /// buffers (`merge`), else one that holds it all.
+    fn post_rx_lent(&mut self, i: usize, merge: bool) -> RxPost {
         let (Some(g), Some(rx)) = (self.guest.as_ref(), self.rx.as_ref()) else {
-            return Lend::Refused;
+            return RxPost::Refused;
         };
-        let mut w = RxLent::default();
-        let mut pieces = 0;
-        let mut cap = 0;
-        // Without mergeable buffers one buffer must hold the largest
-        // packet; with them, any buffer holding a virtio-net header will do.
-        let (most, min_cap) = if g.port.rx_ready() == Some(true) {
+        let (most, min_cap) = if merge {
             (MAX_RX_PIECES, VNET_HDR_LEN_MRG)
         } else {
             (1, GUEST_RX_ROOM)
         };
-        let mut result = Lend::Empty;
+        let mut w = RxLent::default();
+        let mut pieces = 0;
+        let mut cap = 0;
+        let mut short = RxPost::Waiting;
         while cap < GUEST_RX_ROOM && w.n < most {
             let b = match self.rx_spare.pop() {
                 Some(b) => b,
                 None => {
-                    let mut b = w.bufs[w.n];
+                    let mut b = GuestBuf::default();
                     match g.port.lend_rx(min_cap as u32, &mut b.sges) {
                         Lend::Lent(token, n, c) => {
-                            b.token = token;
-                            b.n = n;
-                            b.cap = c as usize;
+                            (b.token, b.n, b.cap) = (token, n, c as usize);
                             b
                         }
-                        other => {
-                            result = other;
+                        Lend::Empty => break,
+                        Lend::Refused => {
+                            short = RxPost::Refused;
                             break;
                         }
                     }
                 }
             };
-            if pieces + b.n > MAX_RX_PIECES || (w.n == 0 && b.cap <= GUEST_RX_SKIP) {
+            if pieces + b.n > MAX_RX_PIECES {
+                // It starts the next WQE.
                 self.rx_spare.push(b);
                 break;
             }
@@ -1913,7 +1894,11 @@ impl Endpoint {
             pieces += b.n;
             cap += b.cap;
         }
-        let mut sges = [NO_SGE; RX_SGES as usize];
+        if cap < GUEST_RX_ROOM {
+            self.rx_spare.extend_from_slice(&w.bufs[..w.n]);
+            return short;
+        }
+        let mut sges = [Sge::default(); RX_SGES as usize];
         sges[0] = Sge {
             addr: rx.iova_at(i * RX_BUF).0,
             len: 40,
@@ -1926,32 +1911,26 @@ impl Endpoint {
         };
         let mut n = 2;
         let mut skip = GUEST_RX_SKIP as u32;
-        for b in &w.bufs[..w.n] {
-            for s in &b.sges[..b.n] {
-                let cut = skip.min(s.len);
-                skip -= cut;
-                if cut < s.len {
-                    sges[n] = Sge {
-                        addr: s.addr + u64::from(cut),
-                        len: s.len - cut,
-                        lkey: s.lkey,
-                    };
-                    n += 1;
-                }
+        for s in w.bufs[..w.n].iter().flat_map(|b| &b.sges[..b.n]) {
+            let cut = skip.min(s.len);
+            skip -= cut;
+            if cut < s.len {
+                sges[n] = Sge {
+                    addr: s.addr + u64::from(cut),
+                    len: s.len - cut,
+                    lkey: s.lkey,
+                };
+                n += 1;
             }
-        }
-        if cap < GUEST_RX_ROOM {
-            self.rx_spare.extend_from_slice(&w.bufs[..w.n]);
-            return result;
         }
         let posted = self.qp.as_mut().map(|qp| qp.post_recv(&sges[..n]));
         if !matches!(posted, Some(Ok(()))) {
             self.rx_spare.extend_from_slice(&w.bufs[..w.n]);
-            return Lend::Refused;
+            return RxPost::Refused;
         }
         self.rx_lent[i] = w;
         self.rx_posted.push_back(i);
-        Lend::Lent(0, n, cap as u32)
+        RxPost::Posted
     }
 
     /// Send slots and SQ space are left for a burst of the largest sends,
@@ -2123,7 +2102,7 @@ impl Endpoint {
             self.pool_free.push(slot);
             return;
         }
-        held.len = peek;
+        held.peek = peek;
         self.slot_rx[slot] = held;
         self.take_in(slot, c, &grh, ty, start, body, peek, now);
     }
@@ -2194,7 +2173,7 @@ impl Endpoint {
         let port = &*g.port;
         let total = match g
             .tr
-            .to_guest(from, s.ty, &p[data..data + held.len], &mut g.scratch, now)
+            .to_guest(from, s.ty, &p[data..data + held.peek], &mut g.scratch, now)
         {
             Ok(GuestRx::Header(h)) => {
                 let frame = eth::ETH_HLEN + body;
@@ -2327,8 +2306,8 @@ impl Endpoint {
                 self.engine
                     .send_to(to, Payload::Host(slot, ethertype), now, &mut self.out);
             }
-            // Only TCP and UDP are lent and only ARP and ND rewritten: a
-            // rewrite of a lent packet would be of part of it. Refused.
+            // Only frames eth::lendable says are never rewritten are lent:
+            // a rewrite of a lent packet would be of part of it. Refused.
             Ok(GuestTx::Rewritten { .. }) => {
                 self.counters.tx_bad_offload += 1;
                 self.slots[slot].lent = lent;
@@ -2543,11 +2522,7 @@ impl Endpoint {
         let mut inline = [0u8; vnet::MAX_LSO_HEADERS];
         // The send slot's bytes first, then what a lent packet has left in
         // the guest's buffer.
-        let mut sges = [Sge {
-            addr: 0,
-            len: 0,
-            lkey: 0,
-        }; 1 + MAX_LENT];
+        let mut sges = [Sge::default(); 1 + MAX_LENT];
         let mut n = 0;
         let mut put = |sge: Sge| {
             if sge.len > 0 {

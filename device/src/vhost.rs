@@ -258,16 +258,30 @@ impl Window {
     }
 }
 
-/// The descriptors of a receive chain lent to the HCA.
+/// The descriptors (guest address, length) of a chain lent to the HCA,
+/// at most `N`.
 #[derive(Debug, Clone, Copy)]
-struct RxChain {
-    descs: [(GuestAddress, u32); MAX_RX_LEND_DESCS],
+struct Descs<const N: usize> {
+    descs: [(GuestAddress, u32); N],
     n: usize,
 }
 
-impl RxChain {
-    /// The guest addresses of bytes `off..off + len` of the chain, piece
-    /// by piece; false if they run past its end.
+/// A receive chain lent to the HCA.
+type RxChain = Descs<MAX_RX_LEND_DESCS>;
+/// A transmit chain lent to the HCA.
+type LentChain = Descs<MAX_LEND_DESCS>;
+
+impl<const N: usize> Descs<N> {
+    fn new() -> Self {
+        Descs {
+            descs: [(GuestAddress(0), 0); N],
+            n: 0,
+        }
+    }
+
+    /// Calls `f(guest address, offset in the range, length)` for each
+    /// piece of bytes `off..off + len` of the chain; false if `f` fails or
+    /// the range runs past the chain's end.
     fn pieces(
         &self,
         off: usize,
@@ -289,13 +303,6 @@ impl RxChain {
         }
         done == len
     }
-}
-
-/// The descriptors of a transmit chain lent to the HCA.
-#[derive(Debug, Clone, Copy)]
-struct LentChain {
-    descs: [(GuestAddress, u32); MAX_LEND_DESCS],
-    n: usize,
 }
 
 /// The device side of one vhost-user-net socket: what the frontend set
@@ -512,21 +519,11 @@ impl Device {
         else {
             return false;
         };
-        let mut at = 0usize;
-        let mut done = 0usize;
-        let mut ok = true;
-        for &(addr, len) in &c.descs[..c.n] {
-            let len = len as usize;
-            let (lo, hi) = (at.max(from), (at + len).min(from + out.len()));
-            if lo < hi {
-                let src = GuestAddress(addr.0 + (lo - at) as u64);
-                ok &= mem.read_slice(&mut out[lo - from..hi - from], src).is_ok();
-                done += hi - lo;
-            }
-            at += len;
-        }
+        let ok = c.pieces(from, out.len(), |addr, at, n| {
+            mem.read_slice(&mut out[at..at + n], addr).is_ok()
+        });
         self.give_back(head);
-        ok && done == out.len()
+        ok
     }
 
     /// Lends a receive chain to the HCA: its descriptors as gather entries
@@ -576,10 +573,7 @@ impl Device {
             return Lend::Empty;
         };
         let head = chain.head_index();
-        let mut c = RxChain {
-            descs: [(GuestAddress(0), 0); MAX_RX_LEND_DESCS],
-            n: 0,
-        };
+        let mut c = RxChain::new();
         let mut ok = self
             .rx_lent
             .get(usize::from(head))
@@ -1147,10 +1141,7 @@ fn lend_chain(
     w: &Window,
 ) -> Option<(Lent, LentChain)> {
     let token = chain.head_index();
-    let mut c = LentChain {
-        descs: [(GuestAddress(0), 0); MAX_LEND_DESCS],
-        n: 0,
-    };
+    let mut c = LentChain::new();
     let mut total = 0usize;
     let mut more = false;
     for d in chain {
@@ -1166,52 +1157,38 @@ fn lend_chain(
     if more || total < HDR_LEN + LEND_MIN || total > buf.len() {
         return None;
     }
+    // The head is copied (and checked by the translation); the rest is
+    // the HCA's to gather, each descriptor at its IOVA in the window.
+    let copied = c.pieces(0, head, |addr, at, n| {
+        mem.read_slice(&mut buf[at..at + n], addr).is_ok()
+    });
+    if !copied || !crate::engine::eth::lendable(&buf[HDR_LEN..head]) {
+        return None;
+    }
     let mut lent = Lent {
         head,
         len: total,
         token,
         sges: [Sge {
-            addr: 0,
-            len: 0,
             lkey: w.key,
+            ..Sge::default()
         }; MAX_LENT],
         n: 0,
     };
     let mut at = 0usize;
     for &(addr, len) in &c.descs[..c.n] {
         let len = len as usize;
-        // The part of this descriptor inside the copied head.
-        let copied = head.saturating_sub(at).min(len);
-        if copied > 0 {
-            mem.read_slice(&mut buf[at..at + copied], addr).ok()?;
-        }
-        let rest = len - copied;
-        if rest > 0 {
-            let gpa = addr.0.checked_add(copied as u64)?;
-            let iova = w.iova(gpa, rest as u64)?;
+        let skip = head.saturating_sub(at).min(len);
+        if len > skip {
+            let gpa = addr.0.checked_add(skip as u64)?;
             let sge = lent.sges.get_mut(lent.n)?;
-            sge.addr = iova;
-            sge.len = u32::try_from(rest).ok()?;
+            sge.addr = w.iova(gpa, (len - skip) as u64)?;
+            sge.len = u32::try_from(len - skip).ok()?;
             lent.n += 1;
         }
         at += len;
     }
-    is_tcp_or_udp(&buf[HDR_LEN..head]).then_some((lent, c))
-}
-
-/// Whether an Ethernet frame carries TCP or UDP over IPv4 or IPv6 (no
-/// IPv6 extension headers), and not DHCP (which is rewritten whole).
-fn is_tcp_or_udp(frame: &[u8]) -> bool {
-    let l3 = crate::engine::eth::ETH_HLEN;
-    let proto = match (frame.get(12..14), frame.get(l3).map(|b| b >> 4)) {
-        (Some([0x08, 0x00]), Some(4)) => frame.get(l3 + 9),
-        (Some([0x86, 0xDD]), Some(6)) => frame.get(l3 + 6),
-        _ => None,
-    };
-    let dhcp = frame
-        .get(l3..)
-        .is_some_and(crate::engine::dhcp::bootp_ports);
-    matches!(proto, Some(6 | 17)) && !dhcp
+    Some((lent, c))
 }
 
 /// Copies the readable descriptors of `chain` into `buf` from `at` on;
@@ -2066,11 +2043,7 @@ mod tests {
     fn receive_buffers_are_lent_filled_and_given_back() {
         let mut r = Rig::new(feature::VERSION_1 | feature::MRG_RXBUF);
         let port = r.port();
-        let mut sges = [Sge {
-            addr: 0,
-            len: 0,
-            lkey: 0,
-        }; 4];
+        let mut sges = [Sge::default(); 4];
         // No window: nothing is lent.
         assert_eq!(port.rx_ready(), None);
         assert_eq!(port.lend_rx(12, &mut sges), Lend::Refused);

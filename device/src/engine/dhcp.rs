@@ -14,7 +14,7 @@
 //! the rewritten packet, lengths and checksums recomputed, into `out`.
 
 use super::eth::Mac;
-use super::ipv4_at;
+use super::{checksum, ipv4_at};
 
 /// BOOTP ports (RFC 2131 §4.1).
 pub const SERVER_PORT: u16 = 67;
@@ -63,12 +63,6 @@ fn bootp(ip: &[u8], sport: u16, dport: u16) -> Option<(usize, &[u8])> {
     let m = udp.get(8..)?;
     (s == sport && d == dport && m.len() >= FIXED + 4 && m[FIXED..FIXED + 4] == COOKIE)
         .then_some((ihl, m))
-}
-
-/// Whether `ip` is a DHCP message between client and server ports, either
-/// way (such datagrams are rewritten, so never sent from guest memory).
-pub fn is_dhcp(ip: &[u8]) -> bool {
-    bootp(ip, CLIENT_PORT, SERVER_PORT).is_some() || bootp(ip, SERVER_PORT, CLIENT_PORT).is_some()
 }
 
 /// Whether the start of IPv4 packet `ip` shows UDP to or from a BOOTP
@@ -233,41 +227,13 @@ fn finish(out: &mut [u8], ihl: usize, payload: usize) -> Option<usize> {
     Some(total)
 }
 
-/// The Internet checksum (RFC 1071) of the concatenation of `parts`, each
-/// of even length but the last.
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u64 = 0;
-    for p in parts {
-        for c in p.chunks(2) {
-            sum += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MAC: Mac = Mac([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 
-    /// RFC 1071 verification: the sum with the checksum included is all
-    /// ones.
-    fn ok(parts: &[&[u8]]) -> bool {
-        let mut sum: u32 = 0;
-        for p in parts {
-            for c in p.chunks(2) {
-                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-            }
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum == 0xffff
-    }
+    use crate::engine::sum_is_all_ones as ok;
 
     fn udp_ok(ip: &[u8]) -> bool {
         let udp = &ip[20..];
@@ -318,7 +284,7 @@ mod tests {
     #[test]
     fn a_guest_request_goes_out_in_the_ipoib_form_and_the_reply_comes_back() {
         let req = dhcp(([0; 4], [255; 4]), (68, 67), (1, 1, 6), &MAC.0, &DISCOVER);
-        assert!(is_dhcp(&req));
+        assert!(bootp_ports(&req));
         let mut out = [0u8; 1024];
         let r = to_fabric(&req, MAC, &mut out).unwrap();
         assert_eq!((r.xid, r.inserted_client_id), (0x3903_f326, true));
@@ -382,7 +348,7 @@ mod tests {
         let ib = dhcp(([0; 4], [255; 4]), (68, 67), (1, 32, 0), &[], &[]);
         assert!(to_fabric(&ib, MAC, &mut out).is_none());
         let other = dhcp(([0; 4], [255; 4]), (68, 53), (1, 1, 6), &MAC.0, &[]);
-        assert!(!is_dhcp(&other));
+        assert!(to_fabric(&other, MAC, &mut out).is_none());
         let eth_reply = dhcp(([10, 0, 0, 1], [255; 4]), (67, 68), (2, 1, 6), &MAC.0, &[]);
         assert!(to_guest(&eth_reply, MAC, true, &mut out).is_none());
         assert_eq!(reply_xid(&eth_reply), None);
@@ -392,7 +358,7 @@ mod tests {
         }
         let mut frag = req.clone();
         frag[6] = 0x20;
-        assert!(!is_dhcp(&frag));
+        assert!(to_fabric(&frag, MAC, &mut out).is_none());
         // An option running past the message ends the walk (the request
         // then gets an identifier of ours); no room, no rewrite.
         let mut bad = req.clone();

@@ -31,7 +31,7 @@ use super::addr::{HW_ADDR_LEN, HwAddr};
 use super::arp::{ARP_LEN, Arp, Op};
 use super::dhcp;
 use super::nd::{self, LLA_OPTION_LEN, NEXT_HEADER_ICMPV6};
-use super::{Gid, IPV6_HEADER, be16, ethertype, ipv4_at, ipv6_at, mgid};
+use super::{Gid, IPV6_HEADER, be16, checksum, ethertype, ipv4_at, ipv6_at, mgid};
 
 /// Length of an Ethernet header.
 pub const ETH_HLEN: usize = 14;
@@ -592,13 +592,13 @@ impl Translator {
                 h[9] = PROTO_ICMP;
                 h[12..16].copy_from_slice(&dst.octets());
                 h[16..20].copy_from_slice(&src.octets());
-                let sum = ones_complement(&[&h[..20]]);
+                let sum = checksum(&[&h[..20]]);
                 h[10..12].copy_from_slice(&sum.to_be_bytes());
                 let mut m = [0u8; 8];
                 m[0] = 3;
                 m[1] = 4;
                 m[6..8].copy_from_slice(&(self.mtu.min(0xffff) as u16).to_be_bytes());
-                let sum = ones_complement(&[&m, &ip[..quote]]);
+                let sum = checksum(&[&m, &ip[..quote]]);
                 m[2..4].copy_from_slice(&sum.to_be_bytes());
                 (20, quote, m)
             }
@@ -1148,19 +1148,19 @@ fn is_nd(pkt: &[u8]) -> bool {
         && nd_fixed_len(pkt[IPV6_HEADER]).is_some()
 }
 
-/// The Internet checksum (RFC 1071) of the concatenation of `parts`, each
-/// of even length but the last.
-fn ones_complement(parts: &[&[u8]]) -> u16 {
-    let mut sum: u64 = 0;
-    for p in parts {
-        for c in p.chunks(2) {
-            sum += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+/// Whether a guest frame (its headers at least) is one the translation
+/// forwards as it is, never rewriting it: TCP or UDP over IPv4 or IPv6 (no
+/// IPv6 extension headers), DHCP excepted. Such a frame may be sent from
+/// the guest's memory with only its headers copied and checked.
+pub fn lendable(frame: &[u8]) -> bool {
+    let l3 = ETH_HLEN;
+    let proto = match (be16(frame, 12), frame.get(l3).map(|b| b >> 4)) {
+        (Some(ethertype::IPV4), Some(4)) => frame.get(l3 + 9),
+        (Some(ethertype::IPV6), Some(6)) => frame.get(l3 + 6),
+        _ => None,
+    };
+    let dhcp = frame.get(l3..).is_some_and(dhcp::bootp_ports);
+    matches!(proto, Some(6 | 17)) && !dhcp
 }
 
 fn eth_header(dst: Mac, src: Mac, ty: u16) -> [u8; ETH_HLEN] {
@@ -1210,38 +1210,16 @@ mod tests {
         0xff, 0x12, 0x40, 0x1b, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
     ];
 
-    /// RFC 1071 verification: the one's-complement sum over the
-    /// pseudo-header and the message (its checksum included) is all ones.
+    /// RFC 1071 verification over the IPv6 pseudo-header and the ICMPv6
+    /// message of `pkt` (its checksum included).
     fn icmpv6_checksum_ok(pkt: &[u8]) -> bool {
         let plen = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
-        let mut words: Vec<u8> = Vec::new();
-        words.extend_from_slice(&pkt[8..40]);
-        words.extend_from_slice(&(plen as u32).to_be_bytes());
-        words.extend_from_slice(&[0, 0, 0, 58]);
-        words.extend_from_slice(&pkt[40..40 + plen]);
-        if words.len() % 2 == 1 {
-            words.push(0);
-        }
-        let mut sum: u32 = 0;
-        for w in words.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum == 0xffff
+        let len = (plen as u32).to_be_bytes();
+        crate::engine::sum_is_all_ones(&[&pkt[8..40], &len, &[0, 0, 0, 58], &pkt[40..40 + plen]])
     }
 
-    /// RFC 1071 verification over `b` (its checksum field included).
     fn sum_ok(b: &[u8]) -> bool {
-        let mut sum: u32 = 0;
-        for w in b.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum == 0xffff
+        crate::engine::sum_is_all_ones(&[b])
     }
 
     #[test]

@@ -155,24 +155,16 @@ impl Neighbor {
 /// The ICMPv6 checksum of `msg` (its checksum field taken as zero) under
 /// the IPv6 pseudo-header (RFC 8200 §8.1).
 pub fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
-    let mut sum: u64 = 0;
-    let mut add = |b: &[u8]| {
-        for c in b.chunks(2) {
-            sum += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-    };
-    add(&src.octets());
-    add(&dst.octets());
-    add(&(msg.len() as u32).to_be_bytes());
-    add(&[0, 0, 0, NEXT_HEADER_ICMPV6]);
-    add(&msg[..2]);
-    if msg.len() > 4 {
-        add(&msg[4..]);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    let len = (msg.len() as u32).to_be_bytes();
+    let rest = msg.get(4..).unwrap_or(&[]);
+    super::checksum(&[
+        &src.octets(),
+        &dst.octets(),
+        &len,
+        &[0, 0, 0, NEXT_HEADER_ICMPV6],
+        &msg[..2.min(msg.len())],
+        rest,
+    ])
 }
 
 #[cfg(test)]

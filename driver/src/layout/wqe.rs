@@ -161,7 +161,7 @@ pub fn pad_and_eth(w: &mut [u8], cs_flags: u8, mss: u16, inline: &[u8]) -> usize
 }
 
 /// Scatter entry for receive WQEs and gather entry for sends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sge {
     /// IOVA.
     pub addr: u64,
