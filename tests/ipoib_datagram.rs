@@ -153,6 +153,23 @@ fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// A fabric with hosts a (10.`net`.0.1) and b (10.`net`.0.2) up on it.
+fn two_hosts(net: u8) -> (Fabric, Host, Host) {
+    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let guid = 0x0002_c903_0000_0000 | u64::from(net) << 12;
+    let a = Host::new(
+        &fabric,
+        guid | 0xa00,
+        &[Ipv4Addr::new(10, net, 0, 1).into()],
+    );
+    let b = Host::new(
+        &fabric,
+        guid | 0xb00,
+        &[Ipv4Addr::new(10, net, 0, 2).into()],
+    );
+    (fabric, a, b)
+}
+
 /// Runs both interfaces for `time`.
 fn run(hosts: &mut [&mut Host], time: Duration) {
     let deadline = Instant::now() + time;
@@ -331,11 +348,9 @@ fn until_frames(a: &mut Host, b: &mut Host, frames: &RefCell<Vec<Vec<u8>>>, n: u
 
 #[test]
 fn guest_vnic_talks_to_a_remote_host_through_the_translation() {
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (_fabric, mut a, mut b) = two_hosts(3);
     let (a4, g4) = (Ipv4Addr::new(10, 3, 0, 1), Ipv4Addr::new(10, 3, 0, 9));
     let b4 = Ipv4Addr::new(10, 3, 0, 2);
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_0d00, &[a4.into()]);
-    let mut b = Host::new(&fabric, 0x0002_c903_0000_0e00, &[b4.into()]);
     let guest = Rc::new(Queues::default());
     let id = b
         .link
@@ -521,15 +536,9 @@ fn frames(q: &Queues) -> Vec<Vec<u8>> {
 /// and gets what host a sends there, the other does not.
 #[test]
 fn two_guests_on_one_interface_and_a_multicast_listener() {
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (_fabric, mut a, mut b) = two_hosts(5);
     let a4 = Ipv4Addr::new(10, 5, 0, 1);
     let (g1, g2) = (Ipv4Addr::new(10, 5, 0, 11), Ipv4Addr::new(10, 5, 0, 12));
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_2a00, &[a4.into()]);
-    let mut b = Host::new(
-        &fabric,
-        0x0002_c903_0000_2b00,
-        &[Ipv4Addr::new(10, 5, 0, 2).into()],
-    );
     let (m1, m2) = (
         Mac([0x52, 0x54, 0, 0, 0, 0x11]),
         Mac([0x52, 0x54, 0, 0, 0, 0x12]),
@@ -673,10 +682,8 @@ fn udp4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
 /// kernel then finds the damage itself).
 #[test]
 fn verified_checksums_are_passed_on_as_data_valid() {
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (_fabric, mut a, mut b) = two_hosts(6);
     let (a4, b4) = (Ipv4Addr::new(10, 6, 0, 1), Ipv4Addr::new(10, 6, 0, 2));
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_3a00, &[a4.into()]);
-    let mut b = Host::new(&fabric, 0x0002_c903_0000_3b00, &[b4.into()]);
     let good = udp4(a4, b4, b"checked by the HCA");
     a.send_ip(&good);
     until_delivered(&mut a, &mut b, 1);
@@ -945,11 +952,8 @@ fn lender_arp(a: &mut Host, b: &mut Host, g: &Lender, g4: Ipv4Addr, ip: Ipv4Addr
 /// copied in and given back at once; the window goes with the endpoint.
 #[test]
 fn guest_frames_are_sent_from_guest_memory() {
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (_fabric, mut a, mut b) = two_hosts(7);
     let (a4, g4) = (Ipv4Addr::new(10, 7, 0, 1), Ipv4Addr::new(10, 7, 0, 9));
-    let b4 = Ipv4Addr::new(10, 7, 0, 2);
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_4a00, &[a4.into()]);
-    let mut b = Host::new(&fabric, 0x0002_c903_0000_4b00, &[b4.into()]);
     let before = b.dev.report().mappings;
     let (id, g) = lending_guest(&mut b, g4);
     let reply = lender_arp(&mut a, &mut b, &g, g4, a4);
@@ -1013,14 +1017,8 @@ fn guest_frames_are_sent_from_guest_memory() {
 /// resuming packets arrive again, on the same QPN.
 #[test]
 fn frames_for_a_guest_land_in_its_memory() {
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (_fabric, mut a, mut b) = two_hosts(8);
     let (a4, g4) = (Ipv4Addr::new(10, 8, 0, 1), Ipv4Addr::new(10, 8, 0, 9));
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_6a00, &[a4.into()]);
-    let mut b = Host::new(
-        &fabric,
-        0x0002_c903_0000_6b00,
-        &[Ipv4Addr::new(10, 8, 0, 2).into()],
-    );
     let (id, g) = lending_guest(&mut b, g4);
     let qpn = b.link.guest(id).unwrap().hw.qpn();
     assert!(b.link.quiesce_guest(id));
@@ -1126,14 +1124,8 @@ fn dhcp_msg(
 /// interface, which never asked.
 #[test]
 fn dhcp_is_translated_for_the_guest_that_asked() {
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (_fabric, mut a, mut b) = two_hosts(9);
     let a4 = Ipv4Addr::new(10, 9, 0, 1);
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_7a00, &[a4.into()]);
-    let mut b = Host::new(
-        &fabric,
-        0x0002_c903_0000_7b00,
-        &[Ipv4Addr::new(10, 9, 0, 2).into()],
-    );
     let (m1, m2) = (Mac([0x52, 0x54, 0, 0, 0, 1]), Mac([0x52, 0x54, 0, 0, 0, 2]));
     let (id1, q1) = guest(&mut b, m1);
     let (id2, q2) = guest(&mut b, m2);
@@ -1184,14 +1176,8 @@ fn dhcp_is_translated_for_the_guest_that_asked() {
 /// the QP is restarted with the same QPN and the next packet arrives.
 #[test]
 fn a_failed_qp_is_restarted() {
-    let fabric = Fabric::new(FabricConfig::default()).unwrap();
+    let (_fabric, mut a, mut b) = two_hosts(10);
     let (a4, g4) = (Ipv4Addr::new(10, 10, 0, 1), Ipv4Addr::new(10, 10, 0, 9));
-    let mut a = Host::new(&fabric, 0x0002_c903_0000_8a00, &[a4.into()]);
-    let mut b = Host::new(
-        &fabric,
-        0x0002_c903_0000_8b00,
-        &[Ipv4Addr::new(10, 10, 0, 2).into()],
-    );
     let (id, g) = lending_guest(&mut b, g4);
     let qpn = b.link.guest(id).unwrap().hw.qpn();
     assert!(b.link.quiesce_guest(id));

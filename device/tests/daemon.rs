@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipoib_sim::{Fabric, FabricConfig};
+use ipoib_sim::FabricConfig;
 
 mod common;
 use common::{Daemon, Netns};
@@ -69,16 +67,13 @@ fn two_hosts_then_a_third_through_sm_restart_and_port_bounce() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("fabric.sock");
     let pcap = dir.join("fabric.pcap");
-    let fabric = Arc::new(
-        Fabric::new(FabricConfig {
+    let fabric = common::serve_fabric(
+        FabricConfig {
             pcap: Some(pcap.clone()),
             ..FabricConfig::default()
-        })
-        .unwrap(),
+        },
+        &socket,
     );
-    let listener = UnixListener::bind(&socket).unwrap();
-    let f2 = fabric.clone();
-    std::thread::spawn(move || ipoib_sim::remote::serve(&f2, &listener));
 
     let (na, nb, nc) = (Netns::new("a"), Netns::new("b"), Netns::new("c"));
     let a = Daemon::start(&socket, &na, &["10.20.0.1/24", "fd00:20::1/64"]);

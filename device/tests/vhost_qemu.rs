@@ -12,13 +12,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 use ipoib_control::{Command as Ask, Reply};
-use ipoib_sim::{Fabric, FabricConfig};
+use ipoib_sim::FabricConfig;
 
 mod common;
 use common::{Daemon, Netns};
@@ -49,10 +47,7 @@ fn qemu_guest_pings_and_downloads_across_the_fabric() {
     std::fs::create_dir_all(dir.join("www/cgi-bin")).unwrap();
     std::fs::copy(g.join("fetch.cgi"), dir.join("www/cgi-bin/fetch")).unwrap();
     let socket = dir.join("fabric.sock");
-    let fabric = Arc::new(Fabric::new(FabricConfig::default()).unwrap());
-    let listener = UnixListener::bind(&socket).unwrap();
-    let f2 = fabric.clone();
-    std::thread::spawn(move || ipoib_sim::remote::serve(&f2, &listener));
+    let fabric = common::serve_fabric(FabricConfig::default(), &socket);
     let vm_sock = dir.join("vm.sock");
     let spec = format!("ib0={}", vm_sock.display());
 

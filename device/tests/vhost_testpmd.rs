@@ -8,14 +8,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ipoib_control::{Command as Ask, Reply, Vm};
-use ipoib_sim::{Fabric, FabricConfig};
+use ipoib_sim::FabricConfig;
 
 mod common;
 use common::{Daemon, Netns};
@@ -139,10 +138,7 @@ fn testpmd_frontend_exchanges_frames_with_a_remote_host_and_restarts() {
     let dir = std::env::temp_dir().join(format!("ipoib-vhost-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("fabric.sock");
-    let fabric = Arc::new(Fabric::new(FabricConfig::default()).unwrap());
-    let listener = UnixListener::bind(&socket).unwrap();
-    let f2 = fabric.clone();
-    std::thread::spawn(move || ipoib_sim::remote::serve(&f2, &listener));
+    let fabric = common::serve_fabric(FabricConfig::default(), &socket);
     let vm_sock = dir.join("vm.sock");
     let spec = format!("ib0={}", vm_sock.display());
 

@@ -152,12 +152,12 @@ fn test() -> Result<(), String> {
     Ok(())
 }
 
-fn demo() -> Result<(), String> {
-    ensure_packages(demo::DEMO_PACKAGES)?;
-    // Release: the software HCA and the fabric do per-byte work (CRCs)
-    // that a debug build makes an order of magnitude slower.
+/// Release builds of the daemon, the fabric and ipoib-tool (the software
+/// HCA and the fabric do per-byte work, CRCs, that a debug build makes an
+/// order of magnitude slower); their directory.
+fn release_programs() -> Result<PathBuf, String> {
     run(
-        "release build",
+        "release build of the daemon, the fabric and ipoib-tool",
         cargo().args([
             "build",
             "-q",
@@ -170,7 +170,12 @@ fn demo() -> Result<(), String> {
             "ipoib-tool",
         ]),
     )?;
-    let target = root().join("target/release");
+    Ok(root().join("target/release"))
+}
+
+fn demo() -> Result<(), String> {
+    ensure_packages(demo::DEMO_PACKAGES)?;
+    let target = release_programs()?;
     let bin = target.join("ipoib-vfio");
     println!();
     println!("==> bring-up of a simulated ConnectX-5 with one InfiniBand port");
@@ -225,21 +230,7 @@ fn bench() -> Result<(), String> {
 /// The vhost-user backend against DPDK's, with testpmd as the VM.
 fn vhost_versus_dpdk() -> Result<(), String> {
     ensure_packages(TEST_PACKAGES)?;
-    run(
-        "release build of the daemon, the fabric and ipoib-tool",
-        cargo().args([
-            "build",
-            "-q",
-            "--release",
-            "-p",
-            "ipoib-device",
-            "-p",
-            "ipoib-sim",
-            "-p",
-            "ipoib-tool",
-        ]),
-    )?;
-    let rows = vhost_bench::run(&root().join("target/release"))?;
+    let rows = vhost_bench::run(&release_programs()?)?;
     println!();
     println!(
         "| frame bytes | DPDK vhost (rxonly), pps | ipoib-vfio zero-copy, sends sunk in the HCA, pps | ratio | same, copy mode, pps | ratio | ipoib-vfio zero-copy across the fabric, pps |"
@@ -255,19 +246,7 @@ fn vhost_versus_dpdk() -> Result<(), String> {
 /// measured in the same run.
 fn ipoib_versus_veth() -> Result<(), String> {
     ensure_packages(demo::DEMO_PACKAGES)?;
-    run(
-        "release build of the daemon and the fabric",
-        cargo().args([
-            "build",
-            "-q",
-            "--release",
-            "-p",
-            "ipoib-device",
-            "-p",
-            "ipoib-sim",
-        ]),
-    )?;
-    let rows = demo::bench(&root().join("target/release"))?;
+    let rows = demo::bench(&release_programs()?)?;
     println!();
     println!("| two namespaces | IPoIB (simulated fabric) | veth | ratio |");
     println!("|---|---|---|---|");

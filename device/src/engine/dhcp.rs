@@ -227,6 +227,41 @@ fn finish(out: &mut [u8], ihl: usize, payload: usize) -> Option<usize> {
     Some(total)
 }
 
+/// A DHCP message laid out by hand for tests from RFC 2131 §2 and §3
+/// (written apart from the rewriting above): IPv4 (20 bytes, `src` →
+/// `dst`), UDP `ports` (checksum 0), op, htype, hlen, `xid`, chaddr, the
+/// cookie, then `opts` and END.
+#[cfg(test)]
+pub(crate) fn test_message(
+    (src, dst): ([u8; 4], [u8; 4]),
+    ports: (u16, u16),
+    (op, htype, hlen): (u8, u8, u8),
+    xid: u32,
+    chaddr: &[u8],
+    opts: &[u8],
+) -> Vec<u8> {
+    let mut m = vec![0u8; FIXED];
+    m[0] = op;
+    m[1] = htype;
+    m[2] = hlen;
+    m[4..8].copy_from_slice(&xid.to_be_bytes());
+    m[28..28 + chaddr.len()].copy_from_slice(chaddr);
+    m.extend_from_slice(&[99, 130, 83, 99]);
+    m.extend_from_slice(opts);
+    m.push(255);
+    let udp_len = 8 + m.len();
+    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    p.extend_from_slice(&ports.0.to_be_bytes());
+    p.extend_from_slice(&ports.1.to_be_bytes());
+    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&m);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,37 +279,15 @@ mod tests {
         ok(&[&pseudo, udp])
     }
 
-    /// A DHCP message laid out by hand from RFC 2131 §2 and §3: IPv4
-    /// (20 bytes, `src` → `dst`), UDP `sport` → `dport` (checksum 0),
-    /// op, htype, hlen, xid 0x3903f326, flags, chaddr, the cookie, then
-    /// `opts` and END.
+    /// A message of [`test_message`] with transaction id 0x3903f326.
     fn dhcp(
-        (src, dst): ([u8; 4], [u8; 4]),
+        addrs: ([u8; 4], [u8; 4]),
         ports: (u16, u16),
-        (op, htype, hlen): (u8, u8, u8),
+        hw: (u8, u8, u8),
         chaddr: &[u8],
         opts: &[u8],
     ) -> Vec<u8> {
-        let mut m = vec![0u8; FIXED];
-        m[0] = op;
-        m[1] = htype;
-        m[2] = hlen;
-        m[4..8].copy_from_slice(&[0x39, 0x03, 0xf3, 0x26]);
-        m[28..28 + chaddr.len()].copy_from_slice(chaddr);
-        m.extend_from_slice(&[99, 130, 83, 99]);
-        m.extend_from_slice(opts);
-        m.push(255);
-        let udp_len = 8 + m.len();
-        let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
-        p.extend_from_slice(&src);
-        p.extend_from_slice(&dst);
-        p[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
-        p.extend_from_slice(&ports.0.to_be_bytes());
-        p.extend_from_slice(&ports.1.to_be_bytes());
-        p.extend_from_slice(&(udp_len as u16).to_be_bytes());
-        p.extend_from_slice(&[0, 0]);
-        p.extend_from_slice(&m);
-        p
+        test_message(addrs, ports, hw, 0x3903_f326, chaddr, opts)
     }
 
     /// Option 53 (message type): DHCPDISCOVER or DHCPOFFER.

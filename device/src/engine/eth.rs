@@ -1410,6 +1410,15 @@ mod tests {
         }
     }
 
+    /// The peer sending to a group (with a GRH naming it).
+    fn multicast_from_peer() -> Sender {
+        Sender {
+            sgid: Some(PEER_GID),
+            multicast: true,
+            ..unicast_from_peer()
+        }
+    }
+
     #[test]
     fn ipoib_arp_reply_reaches_the_guest_from_a_remac() {
         let now = Instant::now();
@@ -1697,12 +1706,7 @@ mod tests {
         let now = Instant::now();
         let mut t = translator(Vec::new());
         let mut out = [0u8; 256];
-        let from = Sender {
-            slid: 7,
-            sqpn: 0x000102,
-            sgid: Some(PEER_GID),
-            multicast: true,
-        };
+        let from = multicast_from_peer();
         let rx = t.to_guest(from, 0x86dd, &peer_ra(), &mut out, now).unwrap();
         assert_eq!(rx, GuestRx::Rewritten(14 + 40 + 16 + 8 + 8));
         let remac = t.remacs.mac_for(peer(), now);
@@ -1729,12 +1733,7 @@ mod tests {
         let now = Instant::now();
         let mut t = translator(Vec::new());
         let mut out = [0u8; 128];
-        let from = Sender {
-            slid: 7,
-            sqpn: 0x000102,
-            sgid: Some(PEER_GID),
-            multicast: true,
-        };
+        let from = multicast_from_peer();
         let pkt = ipv4([10, 0, 0, 2], [224, 0, 0, 251]);
         let Ok(GuestRx::Header(h)) = t.to_guest(from, 0x0800, &pkt, &mut out, now) else {
             panic!("not delivered");
@@ -1793,24 +1792,11 @@ mod tests {
         assert_eq!(t.mac(), GUEST_MAC);
     }
 
-    /// A DHCP message from `ports.0` to `ports.1` (RFC 2131 layout:
-    /// op, htype, hlen, xid, chaddr, cookie, message type option, END).
+    /// A DHCP message from `ports.0` to `ports.1` (from 0.0.0.0 to the
+    /// limited broadcast address), of message type `op` (option 53).
     fn bootp(ports: (u16, u16), op: u8, htype: u8, hlen: u8, xid: u32, chaddr: &[u8]) -> Vec<u8> {
-        let mut m = vec![0u8; 236];
-        (m[0], m[1], m[2]) = (op, htype, hlen);
-        m[4..8].copy_from_slice(&xid.to_be_bytes());
-        m[28..28 + chaddr.len()].copy_from_slice(chaddr);
-        m.extend_from_slice(&[99, 130, 83, 99, 53, 1, op, 255]);
-        let mut p = vec![
-            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
-        ];
-        p[2..4].copy_from_slice(&((28 + m.len()) as u16).to_be_bytes());
-        p.extend_from_slice(&ports.0.to_be_bytes());
-        p.extend_from_slice(&ports.1.to_be_bytes());
-        p.extend_from_slice(&((8 + m.len()) as u16).to_be_bytes());
-        p.extend_from_slice(&[0, 0]);
-        p.extend_from_slice(&m);
-        p
+        let addrs = ([0; 4], [255; 4]);
+        dhcp::test_message(addrs, ports, (op, htype, hlen), xid, chaddr, &[53, 1, op])
     }
 
     #[test]
@@ -1830,11 +1816,7 @@ mod tests {
 
         // The offer, broadcast by a server on the fabric: for this guest.
         let offer = bootp((67, 68), 2, 32, 0, 0xdead_beef, &[]);
-        let from = Sender {
-            sgid: Some(PEER_GID),
-            multicast: true,
-            ..unicast_from_peer()
-        };
+        let from = multicast_from_peer();
         let rx = t.to_guest(from, 0x0800, &offer, &mut out, now).unwrap();
         let GuestRx::Rewritten(n) = rx else {
             panic!("{rx:?}");

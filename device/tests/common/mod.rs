@@ -8,6 +8,19 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// A simulated fabric built from `cfg`, served to daemons on `socket` by
+/// a thread of this test.
+pub fn serve_fabric(
+    cfg: ipoib_sim::FabricConfig,
+    socket: &std::path::Path,
+) -> std::sync::Arc<ipoib_sim::Fabric> {
+    let fabric = std::sync::Arc::new(ipoib_sim::Fabric::new(cfg).unwrap());
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    let f2 = fabric.clone();
+    std::thread::spawn(move || ipoib_sim::remote::serve(&f2, &listener));
+    fabric
+}
+
 /// A network namespace this test created; deleted when dropped.
 pub struct Netns(pub String);
 
