@@ -619,10 +619,18 @@ impl Translator {
                 let mut m = [0u8; 8];
                 m[0] = 2;
                 m[4..8].copy_from_slice(&self.mtu.to_be_bytes());
-                let mut msg = Vec::with_capacity(8 + quote);
-                msg.extend_from_slice(&m);
-                msg.extend_from_slice(&ip[..quote]);
-                let sum = nd::icmpv6_checksum(dst, src, &msg);
+                // Under the pseudo-header from the destination back to the
+                // source (RFC 8200 §8.1).
+                let len = ((8 + quote) as u32).to_be_bytes();
+                let pseudo = [0, 0, 0, NEXT_HEADER_ICMPV6];
+                let sum = checksum(&[
+                    &dst.octets(),
+                    &src.octets(),
+                    &len,
+                    &pseudo,
+                    &m,
+                    &ip[..quote],
+                ]);
                 m[2..4].copy_from_slice(&sum.to_be_bytes());
                 (IPV6_HEADER, quote, m)
             }
