@@ -933,6 +933,15 @@ fn lending_guest(b: &mut Host, g4: Ipv4Addr) -> (usize, Rc<Lender>) {
     (id, g)
 }
 
+/// A [`lending_guest`] whose endpoint was quiesced and resumed, so that
+/// its receive WQEs take the buffers it lends.
+fn receiving_guest(b: &mut Host, g4: Ipv4Addr) -> (usize, Rc<Lender>) {
+    let (id, g) = lending_guest(b, g4);
+    assert!(b.link.quiesce_guest(id));
+    b.link.resume_guest(id);
+    (id, g)
+}
+
 /// The lending guest asks for `ip` by ARP (a copied frame); returns the
 /// answer as it reached the guest.
 fn lender_arp(a: &mut Host, b: &mut Host, g: &Lender, g4: Ipv4Addr, ip: Ipv4Addr) -> Vec<u8> {
@@ -1019,10 +1028,8 @@ fn guest_frames_are_sent_from_guest_memory() {
 fn frames_for_a_guest_land_in_its_memory() {
     let (_fabric, mut a, mut b) = two_hosts(8);
     let (a4, g4) = (Ipv4Addr::new(10, 8, 0, 1), Ipv4Addr::new(10, 8, 0, 9));
-    let (id, g) = lending_guest(&mut b, g4);
+    let (id, g) = receiving_guest(&mut b, g4);
     let qpn = b.link.guest(id).unwrap().hw.qpn();
-    assert!(b.link.quiesce_guest(id));
-    b.link.resume_guest(id);
     // 64 WQEs of three 2 KiB buffers each (room for a 4 KiB MTU).
     assert_eq!(g.rx_lent(), 64 * 3);
 
@@ -1178,10 +1185,8 @@ fn dhcp_is_translated_for_the_guest_that_asked() {
 fn a_failed_qp_is_restarted() {
     let (_fabric, mut a, mut b) = two_hosts(10);
     let (a4, g4) = (Ipv4Addr::new(10, 10, 0, 1), Ipv4Addr::new(10, 10, 0, 9));
-    let (id, g) = lending_guest(&mut b, g4);
+    let (id, g) = receiving_guest(&mut b, g4);
     let qpn = b.link.guest(id).unwrap().hw.qpn();
-    assert!(b.link.quiesce_guest(id));
-    b.link.resume_guest(id);
     let reply = lender_arp(&mut a, &mut b, &g, g4, a4);
     assert_eq!(&reply[20..22], &[0, 2], "an ARP reply: a knows the guest");
     // Now the first WQE's first buffer is outside the window; the next
